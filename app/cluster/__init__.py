@@ -1,0 +1,1 @@
+"""Cluster: heartbeats, the decision core, generations, VIP, scripts, witness."""

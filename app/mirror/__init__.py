@@ -1,0 +1,1 @@
+"""Mirror: FUSE layer, replication protocol, receiver, journal, resync."""
