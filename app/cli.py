@@ -84,7 +84,6 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from app.config import ConfigError, load, load_key
-    from app.node import run_node
 
     try:
         cfg = load(args.config)
@@ -92,6 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    from app.node import run_node
+
     return run_node(cfg, Path(args.state_dir), node_name=args.node, start=args.start)
 
 
