@@ -163,7 +163,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_app(args: argparse.Namespace) -> int:
-    from app.demo import run_demo_app
+    from app.demoapp import run_demo_app
 
     return int(run_demo_app(args))
 
