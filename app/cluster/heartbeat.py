@@ -38,13 +38,14 @@ Exception tree
 --------------
 ``HeartbeatError`` (each subclass has a short ``reason`` used as a counter name)::
 
-    HeartbeatError
-      +-- Malformed          truncated, bad magic, bad JSON, wrong fields or types, too large
-      |     +-- BadVersion   a version this build does not speak
-      +-- BadMac             not signed with our cluster key (or altered)
-      +-- WrongCluster       a valid message for another cluster or module
-      +-- Rejected           authentic but not accepted by the PeerTracker
-            +-- Replay, Unverified, Reflected, WrongPeer, WrongNetwork
+    ClusterError (errors.py)
+     +-- HeartbeatError
+           +-- Malformed          truncated, bad magic, bad JSON, wrong fields or types, too big
+           |     +-- BadVersion   a version this build does not speak
+           +-- BadMac             not signed with our cluster key (or altered)
+           +-- WrongCluster       a valid message for another cluster or module
+           +-- Rejected           authentic but not accepted by the PeerTracker
+                 +-- Replay, Unverified, Reflected, WrongPeer, WrongNetwork
 
 ``decode`` raises only ``HeartbeatError`` subclasses for any input (fuzzed). ``encode`` raises
 ``Malformed`` for a message it would refuse to decode (a name too long, the datagram too big).
@@ -69,6 +70,8 @@ from typing import Any
 
 import orjson
 
+from app.cluster.errors import ClusterError
+
 MAGIC = b"MHB"
 VERSION = 1
 MAC_SIZE = 32
@@ -82,7 +85,7 @@ MAX_SEQ = 2**63 - 1
 _HEADER = MAGIC + bytes([VERSION])
 
 
-class HeartbeatError(Exception):
+class HeartbeatError(ClusterError):
     """A heartbeat that is refused; ``reason`` names the kind (used for counters)."""
 
     reason = "error"
