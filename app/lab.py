@@ -202,7 +202,7 @@ def _run(
     return proc
 
 
-def _mounts_under(root: Path) -> list[str]:
+def mounts_under(root: Path) -> list[str]:
     """Mount points at or under ``root`` in this mount namespace, deepest last."""
     prefix = str(root).rstrip("/")
     found: list[str] = []
@@ -218,7 +218,7 @@ def _mounts_under(root: Path) -> list[str]:
     return found
 
 
-def _ns_inode(path: str | Path) -> int | None:
+def ns_inode(path: str | Path) -> int | None:
     try:
         return os.stat(path).st_ino
     except OSError:
@@ -241,7 +241,7 @@ def pid_alive(pid: int) -> bool:
     return stat is not None and stat[0] not in ("Z", "X")
 
 
-def _pids_in(net_inodes: set[int], mnt_inodes: set[int]) -> list[int]:
+def pids_in(net_inodes: set[int], mnt_inodes: set[int]) -> list[int]:
     """PIDs (not ours) whose network or mount namespace is one of the given ones."""
     pids: list[int] = []
     if not net_inodes and not mnt_inodes:
@@ -251,7 +251,7 @@ def _pids_in(net_inodes: set[int], mnt_inodes: set[int]) -> list[int]:
         if not entry.isdigit() or int(entry) == me:
             continue
         for kind, wanted in (("net", net_inodes), ("mnt", mnt_inodes)):
-            ino = _ns_inode(f"/proc/{entry}/ns/{kind}")
+            ino = ns_inode(f"/proc/{entry}/ns/{kind}")
             if ino is not None and ino in wanted:
                 pids.append(int(entry))
                 break
@@ -274,11 +274,11 @@ def _kill_and_wait(pids: Iterable[int], timeout: float = 5.0) -> list[int]:
 
 def _umount_all(root: Path) -> list[str]:
     """Unmount everything at or under ``root``, deepest first; return what is still mounted."""
-    for target in reversed(_mounts_under(root)):
+    for target in reversed(mounts_under(root)):
         proc = _run(["umount", target], check=False)
         if proc.returncode != 0:
             _run(["umount", "-l", target], check=False)
-    return _mounts_under(root)
+    return mounts_under(root)
 
 
 def default_workdir(prefix: str) -> Path:
@@ -514,16 +514,16 @@ class Lab:
         names = [f"{prefix}{host}" for host in (*HOSTS, SWITCH)]
         existing = set(_run(["ip", "netns", "list"], check=False).stdout.split())
         present = [n for n in names if n in existing]
-        net_inodes = {i for n in present if (i := _ns_inode(f"/run/netns/{n}")) is not None}
+        net_inodes = {i for n in present if (i := ns_inode(f"/run/netns/{n}")) is not None}
         mnt_inodes: set[int] = set()
         for node in NODES:
             ns_file = root / "ns" / node
-            if str(ns_file) in _mounts_under(root):
-                ino = _ns_inode(ns_file)
+            if str(ns_file) in mounts_under(root):
+                ino = ns_inode(ns_file)
                 if ino is not None:
                     mnt_inodes.add(ino)
         problems: list[str] = []
-        alive = _kill_and_wait(_pids_in(net_inodes, mnt_inodes))
+        alive = _kill_and_wait(pids_in(net_inodes, mnt_inodes))
         if alive:
             problems.append(f"processes in lab namespaces still alive: {alive}")
         for name in present:
@@ -586,8 +586,8 @@ class Lab:
             if parent is None:
                 break
             current, steps = parent[1], steps + 1
-        net_inodes = {_ns_inode(f"/run/netns/{self.ns(h)}") for h in (*HOSTS, SWITCH)}
-        return _ns_inode(f"/proc/{pid}/ns/net") in net_inodes - {None}
+        net_inodes = {ns_inode(f"/run/netns/{self.ns(h)}") for h in (*HOSTS, SWITCH)}
+        return ns_inode(f"/proc/{pid}/ns/net") in net_inodes - {None}
 
     def signal(self, target: subprocess.Popen[Any] | int, sig: int) -> None:
         """Send sig (SIGKILL, SIGSTOP, SIGCONT, ...) to a process the lab owns (see owns())."""
@@ -754,5 +754,5 @@ class Lab:
         for node in NODES:
             for path in self.shared_paths:
                 lines.append(f"  {node}:{path} -> {self.host_path(node, path)}")
-        lines.append("enter a host: " + " ".join(self.cmd("node1", ["bash"])))
+        lines.append("enter node1 by hand: " + " ".join(self.cmd("node1", ["bash"])))
         return "\n".join(lines)
