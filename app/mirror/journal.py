@@ -1,0 +1,1021 @@
+"""The dirty-extent journal: what changed under the replicated roots since the peer's generation.
+
+How it works
+------------
+The journal is an activity log. ``mark(op)`` is called for every replicated operation *before*
+the operation is applied locally; it makes sure that what the op will touch is durably recorded:
+
+- data: per file (keyed by its current path, relative to the replicated root) a set of region
+  indexes ``offset // region_size``; a truncate or a FALLOC_FL_COLLAPSE/INSERT_RANGE marks a
+  *tail* (every region from its start to the end of the file);
+- namespace: paths whose entry was created, removed or renamed (Create, Mknod, Mkdir, Symlink,
+  Link, Unlink, Rmdir, both ends of a Rename);
+- metadata: paths whose attributes changed (Chmod, Chown, Utimens, xattrs, the target of Link).
+
+When everything the op needs is already recorded (the common case: the region was marked
+before) ``mark`` returns without any I/O. Otherwise it appends records to ``dirty.log`` and
+fdatasyncs; concurrent callers share one fsync (group commit). A crash between ``mark`` and the
+write leaves an extra dirty region, never a missing one.
+
+Records are replayed on load by the same pure ``_State.apply`` that maintains the memory state.
+Renames move the entries of the old path (and of everything below it) to the new path; Unlink
+and Rmdir drop them. Open handles are followed through Open/Create/Rename/Unlink/Release, so a
+Write names the file by its handle and lands under the file's current path; a handle the
+journal never saw is asked of the ``resolver`` given at construction.
+
+On disk (``state_dir``): ``dirty.snapshot`` (the whole state as records, replaced atomically:
+write temp, fsync, rename, fsync dir) and ``dirty.log`` (append-only). Each record is framed as
+``magic u16 | length u32 | crc32 u32 | payload``. Both files start with a head record carrying
+a sequence number; a log whose number differs from the snapshot's is stale (a crash during
+compaction) and ignored. On load, a torn last record (a crash during an append) is ignored; a bad
+record followed by a good one is corruption: the journal loads *untrusted*, with a reason naming
+the file and offset. Load always compacts, so the files are clean afterwards.
+
+What the reintegrator may rely on (when ``trusted``)
+---------------------------------------------------
+- A regular file whose path is in neither ``namespace_paths()`` nor under one of them differs
+  from the peer's copy at most in the ranges of ``dirty_files()`` and in its length and
+  attributes (set the peer's length to the local length; clip ranges to it).
+- A path in ``namespace_paths()`` (and, for a directory, its whole subtree) must be reconciled
+  in full: existence, type, attributes, and content by block-checksum compare. ``origin(path)``
+  says where the entry was at ``base_generation`` (None: created since); it is a hint to seed
+  the peer's copy (rename or copy on the peer, then compare), never a proof. Process namespace
+  paths shallowest first, then data files.
+- Paths in ``metadata_paths()`` need their attributes (mode, owner, times, xattrs) re-sent.
+When ``trusted`` is False, nothing above holds: compare everything by block checksums.
+
+Limits and memory bounds
+------------------------
+- Memory: about 60 bytes per dirty region (a Python int in a set) plus the path, for at most
+  ``max_regions_per_file`` regions per file; past that the file is summarised as a tail from its
+  lowest dirty region (O(1)). At most ``max_paths`` paths are tracked (files + namespace +
+  metadata + origins); past that the journal invalidates itself ("too many changes") and frees
+  its maps: a full compare follows. Renames and Rmdir scan every tracked path (O(paths)).
+- A file with several hard links is recorded under the name its handle was opened by; the
+  reintegrator must compare multiply-linked files (st_nlink > 1) in full.
+- Writes to a file unlinked while open are not recorded (no name can reach them).
+- Open handles are not persisted (they die with the process).
+- ``bytes_dirty()`` is an estimate: a tail counts up to the highest region marked in it.
+
+Exceptions::
+
+    MirrorError (app.mirror.errors)
+    +-- JournalError            base of the journal's errors
+        +-- JournalNotFound     load(): no snapshot in state_dir
+        +-- JournalCorrupt      load(): the snapshot's head is unreadable (base unknown)
+        +-- JournalWriteError   an append, fsync or compaction failed: the journal is broken,
+        |                       every later mark raises it too (the op must not be applied)
+        +-- JournalClosed       used after close() or discard()
+
+Corruption inside the files is not an exception: the journal loads untrusted.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, TypeVar
+
+from app.mirror import ops
+from app.mirror.errors import MirrorError
+
+SNAPSHOT_NAME: Final = "dirty.snapshot"
+LOG_NAME: Final = "dirty.log"
+DEFAULT_REGION_SIZE: Final = 1 << 20
+#: Length of a range that runs to the end of the file (clip every range to the file's length).
+TO_EOF: Final = 1 << 62
+
+RENAME_EXCHANGE: Final = 2
+FALLOC_FL_KEEP_SIZE: Final = 0x01
+FALLOC_FL_PUNCH_HOLE: Final = 0x02
+FALLOC_FL_COLLAPSE_RANGE: Final = 0x08
+FALLOC_FL_ZERO_RANGE: Final = 0x10
+FALLOC_FL_INSERT_RANGE: Final = 0x20
+
+Resolver = Callable[[int], bytes | None]
+V = TypeVar("V")
+
+
+class JournalError(MirrorError):
+    """Base of the dirty journal's errors."""
+
+
+class JournalNotFound(JournalError):
+    """There is no journal in the state directory."""
+
+
+class JournalCorrupt(JournalError):
+    """The snapshot's head cannot be read, so not even the base generation is known."""
+
+
+class JournalWriteError(JournalError):
+    """The journal could not be made durable; it is broken until reset or reloaded."""
+
+
+class JournalClosed(JournalError):
+    """The journal was closed or discarded."""
+
+
+# --- records ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Head:
+    seq: int
+    base_generation: str
+    region_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Mark:
+    path: bytes
+    regions: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Tail:
+    path: bytes
+    start: int
+    high: int
+
+
+@dataclass(frozen=True, slots=True)
+class _New:
+    path: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Gone:
+    path: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Rename:
+    old: bytes
+    new: bytes
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Meta:
+    path: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Ns:
+    path: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    path: bytes
+    origin: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Clear:
+    path: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Invalid:
+    reason: str
+
+
+_Rec = _Head | _Mark | _Tail | _New | _Gone | _Rename | _Meta | _Ns | _Origin | _Clear | _Invalid
+
+_MAGIC: Final = 0xD17E
+_FRAME = struct.Struct(">HII")
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _blob(b: bytes) -> bytes:
+    return _U32.pack(len(b)) + b
+
+
+def _payload(rec: _Rec) -> bytes:
+    match rec:
+        case _Head(seq, base, rs):
+            return b"H" + _U64.pack(seq) + _blob(base.encode()) + _U64.pack(rs)
+        case _Mark(path, regions):
+            n = len(regions)
+            return b"M" + _blob(path) + _U32.pack(n) + struct.pack(f">{n}Q", *regions)
+        case _Tail(path, start, high):
+            return b"T" + _blob(path) + _U64.pack(start) + _U64.pack(high)
+        case _New(path):
+            return b"N" + _blob(path)
+        case _Gone(path):
+            return b"G" + _blob(path)
+        case _Rename(old, new, flags):
+            return b"R" + _blob(old) + _blob(new) + _U64.pack(flags)
+        case _Meta(path):
+            return b"A" + _blob(path)
+        case _Ns(path):
+            return b"S" + _blob(path)
+        case _Origin(path, origin):
+            tail = b"\x00" if origin is None else b"\x01" + _blob(origin)
+            return b"O" + _blob(path) + tail
+        case _Clear(path):
+            return b"C" + _blob(path)
+        case _Invalid(reason):
+            return b"X" + _blob(reason.encode())
+
+
+def _frame(rec: _Rec) -> bytes:
+    payload = _payload(rec)
+    crc = zlib.crc32(payload, zlib.crc32(_U32.pack(len(payload))))
+    return _FRAME.pack(_MAGIC, len(payload), crc) + payload
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise _Malformed("short payload")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def u64(self) -> int:
+        return int(_U64.unpack(self.take(8))[0])
+
+    def u32(self) -> int:
+        return int(_U32.unpack(self.take(4))[0])
+
+    def blob(self) -> bytes:
+        return self.take(self.u32())
+
+
+def _decode(payload: bytes) -> _Rec:
+    r = _Reader(payload)
+    kind = r.take(1)
+    rec: _Rec
+    try:
+        if kind == b"H":
+            rec = _Head(r.u64(), r.blob().decode(), r.u64())
+        elif kind == b"M":
+            path = r.blob()
+            n = r.u32()
+            rec = _Mark(path, struct.unpack(f">{n}Q", r.take(8 * n)))
+        elif kind == b"T":
+            rec = _Tail(r.blob(), r.u64(), r.u64())
+        elif kind == b"N":
+            rec = _New(r.blob())
+        elif kind == b"G":
+            rec = _Gone(r.blob())
+        elif kind == b"R":
+            rec = _Rename(r.blob(), r.blob(), r.u64())
+        elif kind == b"A":
+            rec = _Meta(r.blob())
+        elif kind == b"S":
+            rec = _Ns(r.blob())
+        elif kind == b"O":
+            path = r.blob()
+            rec = _Origin(path, r.blob() if r.take(1) == b"\x01" else None)
+        elif kind == b"C":
+            rec = _Clear(r.blob())
+        elif kind == b"X":
+            rec = _Invalid(r.blob().decode())
+        else:
+            raise _Malformed(f"unknown record kind {kind!r}")
+    except UnicodeDecodeError as exc:
+        raise _Malformed("text field is not UTF-8") from exc
+    if r.pos != len(payload):
+        raise _Malformed("trailing bytes in record")
+    return rec
+
+
+def _frame_at(data: bytes, off: int) -> tuple[_Rec, int] | None:
+    """The record framed at ``off`` and the offset after it, or None if none is valid there."""
+    if off + _FRAME.size > len(data):
+        return None
+    magic, length, crc = _FRAME.unpack_from(data, off)
+    end = off + _FRAME.size + length
+    if magic != _MAGIC or end > len(data):
+        return None
+    payload = data[off + _FRAME.size : end]
+    if zlib.crc32(payload, zlib.crc32(_U32.pack(length))) != crc:
+        return None
+    try:
+        return _decode(payload), end
+    except _Malformed:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    records: list[_Rec]
+    end: int  # where the valid records stop (len(data) when all are valid)
+    corrupt_at: int | None  # offset of a bad record followed by a good one
+
+
+def _parse(data: bytes) -> _Parsed:
+    records: list[_Rec] = []
+    off = 0
+    while off < len(data):
+        got = _frame_at(data, off)
+        if got is None:
+            # Torn tail (ignored) unless a valid record follows: then it is corruption.
+            magic = _MAGIC.to_bytes(2, "big")
+            probe = data.find(magic, off + 1)
+            while probe != -1:
+                if _frame_at(data, probe) is not None:
+                    return _Parsed(records, off, off)
+                probe = data.find(magic, probe + 1)
+            return _Parsed(records, off, None)
+        rec, off = got
+        records.append(rec)
+    return _Parsed(records, off, None)
+
+
+# --- the pure state --------------------------------------------------------------------------
+
+
+def _under(path: bytes, top: bytes) -> bool:
+    return not top or path == top or path.startswith(top + b"/")
+
+
+def _parent(path: bytes) -> bytes:
+    return path.rpartition(b"/")[0]
+
+
+def _renamed(path: bytes, old: bytes, new: bytes, exchange: bool) -> bytes | None:
+    """Where ``path`` is after renaming ``old`` to ``new`` (None: it was replaced)."""
+    if _under(path, old):
+        return new + path[len(old) :]
+    if _under(path, new):
+        return old + path[len(new) :] if exchange else None
+    return path
+
+
+def _rekey_dict(d: dict[bytes, V], old: bytes, new: bytes, exchange: bool) -> None:
+    hit = [k for k in d if _under(k, old) or _under(k, new)]
+    values = {k: d.pop(k) for k in hit}
+    for k in hit:
+        k2 = _renamed(k, old, new, exchange)
+        if k2 is not None:
+            d[k2] = values[k]
+
+
+def _rekey_set(s: set[bytes], old: bytes, new: bytes, exchange: bool) -> None:
+    hit = [k for k in s if _under(k, old) or _under(k, new)]
+    s.difference_update(hit)
+    for k in hit:
+        k2 = _renamed(k, old, new, exchange)
+        if k2 is not None:
+            s.add(k2)
+
+
+@dataclass(slots=True)
+class _File:
+    regions: set[int] = field(default_factory=set)
+    tail: int | None = None  # every region >= tail is dirty
+    high: int = 0  # highest region marked inside the tail (for estimates)
+
+    def covers(self, region: int) -> bool:
+        return region in self.regions or (self.tail is not None and region >= self.tail)
+
+
+class _State:
+    """Everything the journal knows, changed only by ``apply(record)``; no I/O."""
+
+    def __init__(self, seq: int, base_generation: str, region_size: int) -> None:
+        self.seq = seq
+        self.base_generation = base_generation
+        self.region_size = region_size
+        self.trusted = True
+        self.reason = ""
+        self.files: dict[bytes, _File] = {}
+        self.namespace: set[bytes] = set()
+        self.metadata: set[bytes] = set()
+        self.origins: dict[bytes, bytes | None] = {}
+
+    def path_count(self) -> int:
+        return len(self.files) + len(self.namespace) + len(self.metadata) + len(self.origins)
+
+    def origin(self, path: bytes) -> bytes | None:
+        p = path
+        while True:
+            if p in self.origins:
+                o = self.origins[p]
+                return None if o is None else o + path[len(p) :]
+            if not p:
+                return path
+            p = _parent(p)
+
+    def _drop_under(self, top: bytes) -> None:
+        for k in [k for k in self.files if _under(k, top)]:
+            del self.files[k]
+        for k in [k for k in self.origins if _under(k, top)]:
+            del self.origins[k]
+        self.metadata.difference_update([k for k in self.metadata if _under(k, top)])
+        self.namespace.difference_update([k for k in self.namespace if _under(k, top)])
+
+    def apply(self, rec: _Rec) -> None:
+        if not self.trusted:
+            return
+        match rec:
+            case _Head(seq, base, rs):
+                self.seq, self.base_generation, self.region_size = seq, base, rs
+            case _Mark(path, regions):
+                f = self.files.setdefault(path, _File())
+                f.regions.update(r for r in regions if not f.covers(r))
+            case _Tail(path, start, high):
+                f = self.files.setdefault(path, _File())
+                f.tail = start if f.tail is None else min(f.tail, start)
+                f.high = max(f.high, high, start)
+                f.regions = {r for r in f.regions if r < f.tail}
+            case _New(path):
+                self.files.pop(path, None)
+                self.metadata.discard(path)
+                self.namespace.add(path)
+                self.origins[path] = None
+            case _Gone(path):
+                self._drop_under(path)
+                self.namespace.add(path)
+            case _Rename(old, new, flags):
+                if old == new:
+                    return
+                exchange = bool(flags & RENAME_EXCHANGE)
+                o_old, o_new = self.origin(old), self.origin(new)
+                _rekey_dict(self.files, old, new, exchange)
+                _rekey_dict(self.origins, old, new, exchange)
+                _rekey_set(self.metadata, old, new, exchange)
+                _rekey_set(self.namespace, old, new, exchange)
+                self.origins[new] = o_old
+                if exchange:
+                    self.origins[old] = o_new
+                self.namespace.update((old, new))
+            case _Meta(path):
+                self.metadata.add(path)
+            case _Ns(path):
+                self.namespace.add(path)
+            case _Origin(path, origin):
+                self.origins[path] = origin
+            case _Clear(path):
+                self.files.pop(path, None)
+                self.metadata.discard(path)
+                self.namespace.discard(path)
+                self.origins.pop(path, None)
+                if self.origin(path) != path:
+                    self.origins[path] = path
+            case _Invalid(reason):
+                self.trusted, self.reason = False, reason
+                self.files, self.namespace, self.metadata, self.origins = {}, set(), set(), {}
+
+    def records(self) -> list[_Rec]:
+        """Records that rebuild this state from an empty one (the snapshot's content)."""
+        out: list[_Rec] = [_Head(self.seq, self.base_generation, self.region_size)]
+        if not self.trusted:
+            out.append(_Invalid(self.reason))
+            return out
+        for path, f in self.files.items():
+            if f.regions:
+                out.append(_Mark(path, tuple(sorted(f.regions))))
+            if f.tail is not None:
+                out.append(_Tail(path, f.tail, f.high))
+        out.extend(_Ns(p) for p in self.namespace)
+        out.extend(_Meta(p) for p in self.metadata)
+        out.extend(_Origin(p, o) for p, o in self.origins.items())
+        return out
+
+
+def _merge(regions: list[int], tail: int | None, size: int) -> list[tuple[int, int]]:
+    ranges: list[tuple[int, int]] = []
+    for r in sorted(regions):
+        if ranges and ranges[-1][0] + ranges[-1][1] == r * size:
+            ranges[-1] = (ranges[-1][0], ranges[-1][1] + size)
+        else:
+            ranges.append((r * size, size))
+    if tail is not None:
+        if ranges and ranges[-1][0] + ranges[-1][1] == tail * size:
+            ranges[-1] = (ranges[-1][0], TO_EOF)
+        else:
+            ranges.append((tail * size, TO_EOF))
+    return ranges
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (temp, fsync, rename, fsync dir)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# --- the journal -----------------------------------------------------------------------------
+
+
+class DirtyJournal:
+    """A persisted, crash-safe record of what changed since ``base_generation``.
+
+    Creating one starts an empty journal in ``state_dir`` (replacing any journal there); use
+    ``DirtyJournal.load`` (or ``load``) to restore an existing one. Thread-safe: ``mark`` is
+    called concurrently by the FUSE request threads. ``resolver(fh)`` is called with the
+    journal's lock held and must not call back into the journal.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        base_generation: str,
+        region_size: int = DEFAULT_REGION_SIZE,
+        *,
+        resolver: Resolver | None = None,
+        max_regions_per_file: int = 65536,
+        max_paths: int = 1_000_000,
+        compact_bytes: int = 4 << 20,
+    ) -> None:
+        if region_size <= 0:
+            raise ValueError(f"region_size must be positive, not {region_size}")
+        self._setup(state_dir, resolver, max_regions_per_file, max_paths, compact_bytes)
+        self._state = _State(0, base_generation, region_size)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            self._compact_locked()
+        except OSError as exc:
+            raise JournalWriteError(f"cannot create the journal in {state_dir}: {exc}") from exc
+
+    def _setup(
+        self,
+        state_dir: Path,
+        resolver: Resolver | None,
+        max_regions_per_file: int,
+        max_paths: int,
+        compact_bytes: int,
+    ) -> None:
+        self._dir = state_dir
+        self._resolver = resolver
+        self._max_regions = max_regions_per_file
+        self._max_paths = max_paths
+        self._compact_bytes = compact_bytes
+        self._cond = threading.Condition(threading.Lock())
+        self._handles: dict[int, bytes | None] = {}
+        self._queue: list[bytes] = []
+        self._enqueued = 0  # batches enqueued
+        self._durable = 0  # batches durable
+        self._flushing = False
+        self._failed: JournalWriteError | None = None
+        self._closed = False
+        self._log_fd = -1
+        self._log_size = 0
+
+    @classmethod
+    def load(
+        cls,
+        state_dir: Path,
+        *,
+        resolver: Resolver | None = None,
+        max_regions_per_file: int = 65536,
+        max_paths: int = 1_000_000,
+        compact_bytes: int = 4 << 20,
+    ) -> DirtyJournal:
+        """Restore the journal kept in ``state_dir`` (then compact it).
+
+        Raises JournalNotFound without a snapshot, JournalCorrupt when the snapshot's head is
+        unreadable, JournalWriteError when the compaction fails. Damage elsewhere loads an
+        untrusted journal whose ``reason`` names the file and offset.
+        """
+        self = cls.__new__(cls)
+        self._setup(state_dir, resolver, max_regions_per_file, max_paths, compact_bytes)
+        snap_path, log_path = state_dir / SNAPSHOT_NAME, state_dir / LOG_NAME
+        try:
+            snap = snap_path.read_bytes()
+        except FileNotFoundError as exc:
+            raise JournalNotFound(f"no dirty journal in {state_dir}") from exc
+        except OSError as exc:
+            raise JournalCorrupt(f"cannot read {snap_path}: {exc}") from exc
+        parsed = _parse(snap)
+        head = parsed.records[0] if parsed.records else None
+        if not isinstance(head, _Head):
+            raise JournalCorrupt(f"{snap_path}: no valid head record at offset 0")
+        state = _State(head.seq, head.base_generation, head.region_size)
+        for rec in parsed.records[1:]:
+            state.apply(rec)
+        if parsed.end != len(snap):  # the snapshot is written atomically: never torn
+            state.apply(_Invalid(f"{snap_path}: corrupt record at offset {parsed.end}"))
+        try:
+            log = log_path.read_bytes()
+        except FileNotFoundError:
+            log = b""  # a crash right after the snapshot was replaced: nothing was logged
+        except OSError as exc:
+            log = b""
+            state.apply(_Invalid(f"cannot read {log_path}: {exc}"))
+        if log:
+            lp = _parse(log)
+            lhead = lp.records[0] if lp.records else None
+            if not isinstance(lhead, _Head) or lp.corrupt_at == 0:
+                state.apply(_Invalid(f"{log_path}: corrupt record at offset 0"))
+            elif lhead.seq == head.seq:
+                for rec in lp.records[1:]:
+                    state.apply(rec)
+                if lp.corrupt_at is not None:
+                    state.apply(_Invalid(f"{log_path}: corrupt record at offset {lp.corrupt_at}"))
+            # else: a stale log (a crash during compaction): its content is in the snapshot
+        self._state = state
+        try:
+            self._compact_locked()
+        except OSError as exc:
+            raise JournalWriteError(f"cannot compact the journal in {state_dir}: {exc}") from exc
+        return self
+
+    # --- properties ---------------------------------------------------------------------
+
+    @property
+    def state_dir(self) -> Path:
+        return self._dir
+
+    @property
+    def base_generation(self) -> str:
+        return self._state.base_generation
+
+    @property
+    def region_size(self) -> int:
+        return self._state.region_size
+
+    @property
+    def trusted(self) -> bool:
+        return self._state.trusted
+
+    @property
+    def reason(self) -> str:
+        """Why the journal is untrusted ("" while trusted)."""
+        return self._state.reason
+
+    # --- recording ----------------------------------------------------------------------
+
+    def mark(self, op: ops.Op) -> None:
+        """Make what ``op`` will change durable in the journal; call before applying ``op``.
+
+        Returns without I/O when everything is recorded already. Raises JournalWriteError
+        (the op must then not be applied) or JournalClosed.
+        """
+        with self._cond:
+            self._check_usable()
+            self._commit_locked(self._records_for(op))
+
+    def invalidate(self, reason: str) -> None:
+        """Record, durably, that the journal cannot be trusted (e.g. writes behind the mirror)."""
+        with self._cond:
+            self._check_usable()
+            self._commit_locked([_Invalid(reason)])
+
+    def clear_file(self, path: bytes) -> None:
+        """Reintegration finished ``path``: drop its data, metadata and namespace entries."""
+        with self._cond:
+            self._check_usable()
+            self._commit_locked([_Clear(path)])
+
+    def reset(self, new_base_generation: str) -> None:
+        """The peer has everything up to now: start empty (and trusted) at a new base.
+
+        Call at a sync point, when no marked op is still waiting for the peer's acknowledgement.
+        """
+        with self._cond:
+            self._check_open()
+            self._quiesce_locked()
+            rs = self._state.region_size
+            self._state = _State(self._state.seq, new_base_generation, rs)
+            try:
+                self._compact_locked()
+            except OSError as exc:
+                self._failed = JournalWriteError(f"reset of the journal failed: {exc}")
+                raise self._failed from exc
+            self._failed = None
+
+    def compact(self) -> None:
+        """Rewrite the snapshot and start an empty log (done by itself past compact_bytes)."""
+        with self._cond:
+            self._check_usable()
+            self._quiesce_locked()
+            self._compact_or_fail_locked()
+
+    def discard(self) -> None:
+        """A full sync replaces the journal: delete its files; the object is closed after."""
+        with self._cond:
+            if self._closed:
+                return
+            while self._flushing:
+                self._cond.wait()
+            self._close_locked()
+            try:
+                for name in (SNAPSHOT_NAME, LOG_NAME):
+                    (self._dir / name).unlink(missing_ok=True)
+                _fsync_dir(self._dir)
+            except OSError as exc:
+                raise JournalWriteError(f"cannot delete the journal in {self._dir}: {exc}") from exc
+
+    def close(self) -> None:
+        """Flush what is queued and close the log file; the files stay for ``load``."""
+        with self._cond:
+            if self._closed:
+                return
+            if self._failed is None:
+                self._quiesce_locked()
+            while self._flushing:
+                self._cond.wait()
+            self._close_locked()
+
+    def __enter__(self) -> DirtyJournal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- reading ------------------------------------------------------------------------
+
+    def dirty_files(self) -> Iterator[tuple[bytes, list[tuple[int, int]]]]:
+        """(path, merged (offset, length) ranges) per file; a length TO_EOF runs to the end."""
+        with self._cond:
+            size = self._state.region_size
+            out = [
+                (path, _merge(list(f.regions), f.tail, size))
+                for path, f in self._state.files.items()
+            ]
+        return iter(sorted(out))
+
+    def namespace_paths(self) -> set[bytes]:
+        """Paths whose entry was created, removed or renamed (reconcile them in full)."""
+        with self._cond:
+            return set(self._state.namespace)
+
+    def metadata_paths(self) -> set[bytes]:
+        """Paths whose attributes (mode, owner, times, xattrs) changed."""
+        with self._cond:
+            return set(self._state.metadata)
+
+    def origin(self, path: bytes) -> bytes | None:
+        """Where the entry now at ``path`` was at base_generation (None: created since)."""
+        with self._cond:
+            return self._state.origin(path)
+
+    def bytes_dirty(self) -> int:
+        """Estimated bytes to send: dirty regions, and tails up to their highest marked region."""
+        with self._cond:
+            size = self._state.region_size
+            total = 0
+            for f in self._state.files.values():
+                total += len(f.regions) * size
+                if f.tail is not None:
+                    total += (max(f.high, f.tail) - f.tail + 1) * size
+            return total
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise JournalClosed(f"the journal in {self._dir} is closed")
+
+    def _check_usable(self) -> None:
+        self._check_open()
+        if self._failed is not None:
+            raise self._failed
+
+    def _handle_path(self, fh: int) -> bytes | None:
+        """The current path of handle ``fh``; None: no name reaches it (record nothing)."""
+        if fh in self._handles:
+            return self._handles[fh]
+        path = self._resolver(fh) if self._resolver is not None else None
+        if path is None:
+            raise _UnknownHandle(fh)
+        return path
+
+    def _data(self, path: bytes | None, lo: int, hi: int) -> list[_Rec]:
+        """Records that make regions lo..hi of ``path`` dirty (none if they are already)."""
+        if path is None or hi < lo:
+            return []
+        f = self._state.files.get(path, _File())
+        if f.tail is not None and lo >= f.tail:
+            return []
+        if hi - lo + 1 > self._max_regions:
+            return [_Tail(path, lo, hi)]
+        needed = tuple(r for r in range(lo, hi + 1) if not f.covers(r))
+        if not needed:
+            return []
+        if len(f.regions) + len(needed) > self._max_regions:
+            return [_Tail(path, min(lo, *f.regions), max(hi, *f.regions))]
+        return [_Mark(path, needed)]
+
+    def _tail(self, path: bytes | None, start: int) -> list[_Rec]:
+        if path is None:
+            return []
+        f = self._state.files.get(path)
+        if f is not None and f.tail is not None and f.tail <= start:
+            return []
+        return [_Tail(path, start, start)]
+
+    def _records_for(self, op: ops.Op) -> list[_Rec]:
+        """Follow handles and translate ``op`` into the records still missing."""
+        rs = self._state.region_size
+        try:
+            recs = self._translate(op, rs)
+        except _UnknownHandle as exc:
+            recs = [_Invalid(f"an operation named handle {exc.fh}, whose file is unknown")]
+        if not self._state.trusted:
+            return []
+        return recs
+
+    def _translate(self, op: ops.Op, rs: int) -> list[_Rec]:
+        st = self._state
+        match op:
+            case ops.Open(fh, path):
+                self._handles[fh] = path
+                return []
+            case ops.Create(fh=fh, path=path):
+                self._handles[fh] = path
+                return [_New(path)]
+            case ops.Release(fh):
+                self._handles.pop(fh, None)
+                return []
+            case ops.Fsync():
+                return []
+            case ops.Write(fh, offset, data):
+                if not data:
+                    return []
+                target = self._handle_path(fh)
+                return self._data(target, offset // rs, (offset + len(data) - 1) // rs)
+            case ops.Truncate(fh, path, length):
+                target = self._handle_path(fh) if fh >= 0 else path
+                return self._tail(target, length // rs)
+            case ops.Fallocate(fh, mode, offset, length):
+                target = self._handle_path(fh)
+                if mode & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE):
+                    return self._tail(target, offset // rs)
+                if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                    return self._data(target, offset // rs, (offset + length - 1) // rs)
+                if mode & FALLOC_FL_KEEP_SIZE or length <= 0:
+                    return []
+                end = (offset + length - 1) // rs  # the size may grow: list the file
+                return self._data(target, end, end)
+            case ops.Mknod(path=path) | ops.Mkdir(path=path) | ops.Symlink(path=path):
+                return [_New(path)]
+            case ops.Unlink(path):
+                for fh, p in self._handles.items():
+                    if p == path:
+                        self._handles[fh] = None
+                return [_Gone(path)]
+            case ops.Rmdir(path):
+                return [_Gone(path)]
+            case ops.Rename(old, new, flags):
+                if old == new:
+                    return []
+                exchange = bool(flags & RENAME_EXCHANGE)
+                for fh, p in self._handles.items():
+                    if p is not None:
+                        self._handles[fh] = _renamed(p, old, new, exchange)
+                return [_Rename(old, new, flags)]
+            case ops.Link(target, new):
+                recs: list[_Rec] = [_New(new)]
+                if target not in st.metadata:
+                    recs.append(_Meta(target))
+                return recs
+            case (
+                ops.Chmod(path=path)
+                | ops.Chown(path=path)
+                | ops.Utimens(path=path)
+                | ops.SetXattr(path=path)
+                | ops.RemoveXattr(path=path)
+            ):
+                return [] if path in st.metadata else [_Meta(path)]
+
+    def _commit_locked(self, recs: list[_Rec]) -> None:
+        """Apply ``recs`` in memory, queue them, wait until they and all before are durable."""
+        if recs:
+            for rec in recs:
+                self._state.apply(rec)
+                self._queue.append(_frame(rec))
+            if self._state.trusted and self._state.path_count() > self._max_paths:
+                rec = _Invalid(f"more than {self._max_paths} paths changed; compare everything")
+                self._state.apply(rec)
+                self._queue.append(_frame(rec))
+            self._enqueued += 1
+        target = self._enqueued
+        while self._durable < target:
+            if self._failed is not None:
+                raise self._failed
+            if self._flushing:
+                self._cond.wait()
+                continue
+            self._flush_locked(release=True)
+        if self._log_size >= self._compact_bytes and not self._queue and not self._flushing:
+            self._compact_or_fail_locked()
+
+    def _flush_locked(self, *, release: bool) -> None:
+        """Write and fdatasync every queued record (releasing the lock during I/O if asked)."""
+        batch, self._queue = b"".join(self._queue), []
+        upto = self._enqueued
+        self._flushing = True
+        error: OSError | None = None
+        if release:
+            self._cond.release()
+        try:
+            _write_all(self._log_fd, batch)
+            os.fdatasync(self._log_fd)
+        except OSError as exc:
+            error = exc
+        finally:
+            if release:
+                self._cond.acquire()
+            self._flushing = False
+            self._cond.notify_all()
+        if error is not None:
+            self._failed = JournalWriteError(f"cannot append to {self._dir / LOG_NAME}: {error}")
+            raise self._failed from error
+        self._log_size += len(batch)
+        self._durable = max(self._durable, upto)
+
+    def _quiesce_locked(self) -> None:
+        """Wait for the running flush, then flush the queue: memory == disk afterwards."""
+        while self._flushing:
+            self._cond.wait()
+        if self._failed is not None:
+            return
+        if self._queue:
+            self._flush_locked(release=False)
+        self._durable = self._enqueued
+
+    def _compact_or_fail_locked(self) -> None:
+        try:
+            self._compact_locked()
+        except OSError as exc:
+            self._failed = JournalWriteError(f"compaction of {self._dir} failed: {exc}")
+            raise self._failed from exc
+
+    def _compact_locked(self) -> None:
+        """Write the state as a new snapshot and start a new log (memory must equal disk)."""
+        st = self._state
+        st.seq += 1
+        _replace_file(self._dir / SNAPSHOT_NAME, b"".join(map(_frame, st.records())))
+        head = _frame(_Head(st.seq, st.base_generation, st.region_size))
+        _replace_file(self._dir / LOG_NAME, head)
+        fd = os.open(self._dir / LOG_NAME, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+        self._log_fd = fd
+        self._log_size = len(head)
+
+    def _close_locked(self) -> None:
+        self._closed = True
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
+        self._cond.notify_all()
+
+
+class _UnknownHandle(Exception):
+    def __init__(self, fh: int) -> None:
+        super().__init__(fh)
+        self.fh = fh
+
+
+def load(
+    state_dir: Path,
+    *,
+    resolver: Resolver | None = None,
+    max_regions_per_file: int = 65536,
+    max_paths: int = 1_000_000,
+    compact_bytes: int = 4 << 20,
+) -> DirtyJournal:
+    """Restore the journal kept in ``state_dir``; see ``DirtyJournal.load``."""
+    return DirtyJournal.load(
+        state_dir,
+        resolver=resolver,
+        max_regions_per_file=max_regions_per_file,
+        max_paths=max_paths,
+        compact_bytes=compact_bytes,
+    )
