@@ -153,7 +153,8 @@ scenario_first_start() {
 scenario_failover() {
     write_file node1 acked.txt "acked $RUN_ID" || { WHY="write on node1 failed"; return 1; }
     local pids
-    local query='echo $(systemctl show -p MainPID --value mirrorha) $(cat /run/mirrorha/demo-app.pid)'
+    local query='echo $(systemctl show -p MainPID --value mirrorha)'
+    query+=' $(cat /run/mirrorha/demo-app.pid)'
     pids=$(on node1 "$query" | tr -d '\r')
     log "node1 daemon and app pids: $pids"
     # shellcheck disable=SC2086 # two pids, split on purpose
