@@ -1,0 +1,301 @@
+"""The lab itself: topology, faults, per-node mount namespaces, and teardown that leaves nothing.
+
+Every address used is a lab address in 198.18.0.0/15; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from app.lab import HOSTS, SWITCH, Lab, LabError, LabUnsupported, address, mounts_under, pid_alive
+from app.labcli import READY_LINE
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+LAB_COMMAND = REPO / "tests" / "lab" / "lab"
+
+N1_PUB, N1_REPL = address("node1", "pub"), address("node1", "repl")
+N2_PUB, N2_REPL = address("node2", "pub"), address("node2", "repl")
+WITNESS = address("witness", "pub")
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def _namespaces(prefix: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=15)
+    names = {f"{prefix}{h}" for h in (*HOSTS, SWITCH)}
+    return sorted(n for n in out.stdout.split() if n in names)
+
+
+def _assert_nothing_left(prefix: str, workdir: Path, pids: list[int]) -> None:
+    assert _namespaces(prefix) == [], "namespaces of the lab are still there"
+    assert mounts_under(workdir) == [], "mounts under the lab's work dir are still there"
+    with open("/proc/mounts", encoding="utf-8") as fh:
+        assert str(workdir) not in fh.read()
+    assert [p for p in pids if pid_alive(p)] == [], "processes of the lab are still alive"
+    assert not workdir.exists()
+
+
+def _read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float) -> str:
+    """Read proc's stdout until a line contains marker (bounded in time); return all read."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while marker.encode() not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or proc.poll() is not None:
+            break
+        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+    text = buf.decode(errors="replace")
+    assert marker in text, f"no {marker!r} within {timeout} s; output so far: {text!r}"
+    return text
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
+    return env
+
+
+# ---- topology ------------------------------------------------------------------------------
+
+
+def test_nodes_reach_each_other_on_both_networks(lab: Lab) -> None:
+    assert lab.ping("node1", N2_PUB)
+    assert lab.ping("node1", N2_REPL)
+    assert lab.ping("node2", N1_PUB)
+    assert lab.ping("node2", N1_REPL)
+
+
+def test_nodes_reach_the_witness(lab: Lab) -> None:
+    assert lab.ping("node1", WITNESS)
+    assert lab.ping("node2", WITNESS)
+
+
+def test_client_reaches_the_nodes_through_the_witness_router(lab: Lab) -> None:
+    assert lab.ping("client", N1_PUB)
+    assert lab.ping("client", N2_PUB)
+    forward = "/proc/sys/net/ipv4/ip_forward"
+    lab.run("witness", ["sh", "-c", f"echo 0 > {forward}"])
+    try:
+        assert not lab.ping("client", N1_PUB), "client reached node1 with the router off"
+    finally:
+        lab.run("witness", ["sh", "-c", f"echo 1 > {forward}"])
+    assert lab.ping("client", N1_PUB)
+
+
+def test_nodes_interfaces_are_named_eth0_and_eth1(lab: Lab) -> None:
+    out = lab.run("node1", ["ip", "-br", "-4", "addr"]).stdout
+    assert f"{N1_PUB}/24" in next(line for line in out.splitlines() if line.startswith("eth0"))
+    assert f"{N1_REPL}/24" in next(line for line in out.splitlines() if line.startswith("eth1"))
+    route = lab.run("node2", ["ip", "route", "show", "default"]).stdout
+    assert f"via {WITNESS}" in route
+
+
+def test_ping_refuses_addresses_outside_the_lab(lab: Lab) -> None:
+    with pytest.raises(LabError, match="outside the lab network"):
+        lab.ping("node1", "192.0.2.1")
+
+
+# ---- faults --------------------------------------------------------------------------------
+
+
+def test_partition_cuts_the_nodes_apart_and_node2_from_the_witness(lab: Lab) -> None:
+    lab.partition(node1_reaches_witness=True, node2_reaches_witness=False)
+    assert not lab.ping("node1", N2_PUB)
+    assert not lab.ping("node1", N2_REPL)
+    assert not lab.ping("node2", N1_PUB)
+    assert not lab.ping("node2", N1_REPL)
+    assert lab.ping("node1", WITNESS)
+    assert not lab.ping("node2", WITNESS)
+
+    lab.heal()
+    assert lab.ping("node1", N2_PUB)
+    assert lab.ping("node2", N1_REPL)
+    assert lab.ping("node2", WITNESS)
+
+
+def test_link_down_cuts_only_that_network(lab: Lab) -> None:
+    lab.link("node2", "repl", up=False)
+    assert not lab.ping("node1", N2_REPL)
+    assert lab.ping("node1", N2_PUB)
+    lab.link("node2", "repl", up=True)
+    assert lab.ping("node1", N2_REPL)
+
+
+def test_packet_loss_applies_to_one_network_and_clears(lab: Lab) -> None:
+    backend = lab.netem("node1", "pub", loss_pct=100)
+    if backend == "netem":
+        qdisc = lab.run("node1", ["tc", "qdisc", "show", "dev", "eth0"]).stdout
+        assert "netem" in qdisc and "loss 100%" in qdisc
+    else:
+        rules = lab.run("node1", ["nft", "list", "ruleset"]).stdout
+        assert 'device "eth0"' in rules and "drop" in rules
+    assert not lab.ping("node1", N2_PUB)
+    assert lab.ping("node1", N2_REPL)
+
+    lab.clear_netem("node1", "pub")
+    assert "netem" not in lab.run("node1", ["tc", "qdisc", "show", "dev", "eth0"]).stdout
+    assert lab.ping("node1", N2_PUB)
+
+
+def test_delay_shows_in_tc_qdisc(lab: Lab) -> None:
+    try:
+        lab.netem("node2", "repl", delay_ms=40, jitter_ms=5)
+    except LabUnsupported as exc:
+        pytest.skip(str(exc))
+    qdisc = lab.run("node2", ["tc", "qdisc", "show", "dev", "eth1"]).stdout
+    assert "netem" in qdisc and "delay 40" in qdisc
+    assert lab.ping("node2", N1_REPL)
+
+
+def test_signal_stops_continues_and_kills_a_lab_process(lab: Lab) -> None:
+    proc = lab.popen("node1", ["sleep", "300"])
+    lab.signal(proc, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, "process did not stop"
+        time.sleep(0.02)
+    lab.signal(proc, signal.SIGCONT)
+    lab.signal(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=5) == -signal.SIGKILL
+
+
+def test_signal_refuses_a_process_the_lab_did_not_start(lab: Lab) -> None:
+    with pytest.raises(LabError, match="not a process of lab"):
+        lab.signal(os.getpid(), signal.SIGCONT)
+
+
+# ---- mount namespaces ----------------------------------------------------------------------
+
+
+def test_each_node_sees_its_own_content_at_the_shared_path(lab: Lab) -> None:
+    name = f"probe-{uuid.uuid4().hex}"
+    path = f"/srv/mirrorha/data/{name}"
+    lab.run("node1", ["sh", "-c", f"echo from-node1 > {path}"])
+
+    assert lab.run("node1", ["cat", path]).stdout == "from-node1\n"
+    assert lab.run("node2", ["test", "-e", path], check=False).returncode == 1
+    assert not Path(path).exists(), "the node's file leaked to the host"
+    assert (lab.host_path("node1", path)).read_text() == "from-node1\n"
+
+    lab.run("node2", ["sh", "-c", f"echo from-node2 > {path}"])
+    assert lab.run("node1", ["cat", path]).stdout == "from-node1\n"
+    assert lab.run("node2", ["cat", path]).stdout == "from-node2\n"
+
+
+# ---- teardown ------------------------------------------------------------------------------
+
+FAILING_CHILD = """
+import sys
+from app.lab import Lab
+lab = Lab(prefix={prefix!r}, workdir={workdir!r})
+{body}
+"""
+BODY_WITH = """
+with lab:
+    proc = lab.popen("node1", ["sleep", "300"])
+    print(proc.pid, flush=True)
+    raise RuntimeError("simulated failure halfway")
+"""
+BODY_BARE = """
+lab.up()
+proc = lab.popen("node2", ["sleep", "300"])
+print(proc.pid, flush=True)
+raise RuntimeError("simulated failure halfway")
+"""
+
+
+@pytest.mark.parametrize(("prefix", "body"), [("mhw-", BODY_WITH), ("mhb-", BODY_BARE)])
+def test_a_failure_halfway_leaves_nothing(
+    lab_available: None, tmp_path: Path, prefix: str, body: str
+) -> None:
+    workdir = tmp_path / "labwork"
+    script = FAILING_CHILD.format(prefix=prefix, workdir=str(workdir), body=body)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(script)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            env=_child_env(),
+        )
+        assert done.returncode != 0
+        assert "simulated failure halfway" in done.stderr
+        sleep_pid = int(done.stdout.split()[0])
+        _assert_nothing_left(prefix, workdir, [sleep_pid])
+    finally:
+        Lab.cleanup_stale(prefix, workdir)
+
+
+def test_cleanup_stale_removes_what_a_killed_run_left(lab_available: None, tmp_path: Path) -> None:
+    prefix, workdir = "mhk-", tmp_path / "labwork"
+    body = """
+lab.up()
+proc = lab.popen("node1", ["sleep", "300"])
+print(proc.pid, flush=True)
+import time
+time.sleep(300)
+"""
+    script = FAILING_CHILD.format(prefix=prefix, workdir=str(workdir), body=body)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=REPO, env=_child_env()
+    )
+    try:
+        sleep_pid = int(_read_until(child, "\n", timeout=30).split()[0])
+        child.kill()  # a crash: no atexit, no handler
+        child.wait(timeout=10)
+        assert _namespaces(prefix), "the killed run should have left its namespaces"
+        assert pid_alive(sleep_pid)
+
+        assert Lab.cleanup_stale(prefix, workdir) == []
+        _assert_nothing_left(prefix, workdir, [sleep_pid])
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=10)
+        Lab.cleanup_stale(prefix, workdir)
+
+
+def test_ctrl_c_on_lab_up_tears_everything_down(lab_available: None, tmp_path: Path) -> None:
+    prefix, workdir = "mhc-", tmp_path / "labwork"
+    cmd = [str(LAB_COMMAND), "--prefix", prefix, "--workdir", str(workdir), "up"]
+    child = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=_child_env()
+    )
+    try:
+        out = _read_until(child, READY_LINE, timeout=30)
+        assert f"{prefix}node1" in out
+        deadline = time.monotonic() + 10
+        while len(_namespaces(prefix)) < len(HOSTS) + 1:
+            assert time.monotonic() < deadline, "the lab's namespaces did not appear"
+            time.sleep(0.05)
+        assert mounts_under(workdir), "the lab's mount-namespace files are not mounted"
+
+        child.send_signal(signal.SIGINT)
+        assert child.wait(timeout=30) == 0
+        _assert_nothing_left(prefix, workdir, [])
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=10)
+        Lab.cleanup_stale(prefix, workdir)
