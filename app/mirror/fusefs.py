@@ -1,0 +1,805 @@
+"""The primary's FUSE filesystem: every change is applied locally and replicated, reads stay local.
+
+How it works
+    ``MirrorFS`` is an mfusepy ``Operations`` subclass mounted OVER the replicated directory.
+    The daemon opened that directory (``root_fd``) before mounting, so every operation works
+    relative to it with ``*at()`` calls (``dir_fd=root_fd``, ``follow_symlinks=False``) and never
+    walks back into its own mount. Paths arrive from libfuse as ``str`` decoded with
+    ``utf-8``/``surrogateescape`` and are turned back into the kernel's exact ``bytes``, so names
+    that are not UTF-8 round-trip. Extended attributes, which have no ``*at()`` call, go through
+    ``/proc/self/fd/<root_fd>/<path>`` (still relative to the handle, final link not followed).
+
+    A change calls ``replicator.apply(op, local)`` with the ``app.mirror.ops`` value and a closure
+    that makes the local change; reads, getattr, readdir, readlink, statfs, lseek and xattr reads
+    are served locally only. Open files get a handle number from a counter (never reused while
+    the filesystem lives) mapped to a local fd; handles opened for writing (write access,
+    O_TRUNC, or create) are announced with ``Open``/``Create`` and dropped with ``Release``.
+
+    Offsets: the kernel computes O_APPEND offsets from its cached size, which is wrong for a
+    file written through another hard-linked name (libfuse's high-level API gives every name
+    its own kernel inode). So the local fd is opened without O_APPEND and an append handle's
+    offset is the real file size, read under a per-inode lock held across the ``Write``: the
+    op always carries the offset the bytes really landed at. Writeback caching is switched off
+    (the kernel would then compute O_APPEND itself and ``write()`` would return before the data
+    reached us, breaking "acknowledged means replicated"); mmap writes reach ``write()`` when the
+    kernel writes the pages back (msync, munmap, fsync).
+
+    Times: writes change mtime on each side at a different moment, so when a handle that
+    changed data is released, and after a truncate by path, a ``Utimens`` with the local
+    atime/mtime follows (its local step does nothing): closed files end with equal times.
+    UTIME_NOW and UTIME_OMIT are resolved here, so ``Utimens`` always carries real values.
+    O_SYNC/O_DSYNC handles follow each ``Write`` with an ``Fsync`` op.
+
+Errors (the only way out of an operation is ``OSError(errno)``):
+    errno from the local system call   passed through unchanged (ENOENT, EEXIST, ENOTEMPTY,
+                                       ENOTDIR, EISDIR, EACCES, EPERM, ENOSPC, EDQUOT, EFBIG,
+                                       ENODATA, ERANGE, ENXIO for SEEK_DATA/HOLE, EXDEV, ...)
+    EBADF      unknown handle number, or a data operation on a handle not opened for writing
+    EPERM      mknod of a character or block device (the Mknod op refuses devices)
+    EINVAL     rename flags other than RENAME_NOREPLACE/RENAME_EXCHANGE; a name with NUL
+    EOPNOTSUPP system.* extended attributes (POSIX ACLs would not be enforced by FUSE)
+    EIO        anything else raised inside an operation (a bug, or a Replicator that raised
+               something other than OSError); logged with its traceback
+    The Replicator never raises for peer trouble (a silent peer is dropped, the node goes
+    ALONE): the application never sees a peer error, so no errno is reserved for it.
+
+Known limits
+    - Hard links: each name is its own kernel inode, so attributes and cached pages seen
+      through one name can lag changes made through another by up to ``attr_timeout``.
+    - A change made through a handle whose file was unlinked (fchmod, fchown, futimens on a
+      nameless file) is made locally only: no op can name the file on the peer.
+    - A write that fails half way (ENOSPC) leaves the written part locally, not on the peer.
+    - The daemon writes as root, so writing to a setuid file does not clear the setuid bit.
+    - No POSIX ACLs, no ioctl, no copy_file_range (the kernel falls back to read/write).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import mfusepy
+
+from app.mirror import ops
+from app.mirror.ops import Replicator
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+FUSE_CAP_WRITEBACK_CACHE = 1 << 16
+_ENCODING = "utf-8"
+_ERRORS = "surrogateescape"
+_INODE_LOCKS = 64
+
+_STATVFS_KEYS = (
+    "f_bsize",
+    "f_frsize",
+    "f_blocks",
+    "f_bfree",
+    "f_bavail",
+    "f_files",
+    "f_ffree",
+    "f_favail",
+    "f_namemax",
+)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = _libc.renameat2
+_renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+_renameat2.restype = ctypes.c_int
+_fallocate = _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fallocate.restype = ctypes.c_int
+
+
+@dataclass(frozen=True, slots=True)
+class CacheTimeouts:
+    """Seconds the kernel may trust what it learnt (libfuse config entry/attr/negative_timeout).
+
+    Every change goes through this mount, and the kernel updates or drops what a change
+    through the mount touches, so caching is safe; only hard-linked aliases can lag (see the
+    module docstring). One second keeps stat-heavy programs off the Python path.
+    """
+
+    entry: float = 1.0
+    attr: float = 1.0
+    negative: float = 1.0
+
+
+DEFAULT_TIMEOUTS = CacheTimeouts()
+
+
+@dataclass(slots=True)
+class _Handle:
+    fd: int
+    writable: bool
+    append: bool
+    sync: bool | None  # None: plain; False: O_SYNC (fsync); True: O_DSYNC (fdatasync)
+    lock: threading.Lock
+    wrote: bool = False
+
+
+def _fuse_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Let only ``OSError`` with a positive errno leave an operation (see the errno table)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:
+            if isinstance(exc.errno, int) and exc.errno > 0:
+                raise
+            log.exception("%s: OSError without errno, answering EIO", fn.__name__)
+            raise mfusepy.FuseOSError(errno.EIO) from exc
+        except ValueError as exc:  # embedded NUL, or an argument the os module refuses
+            raise mfusepy.FuseOSError(errno.EINVAL) from exc
+        except Exception as exc:
+            log.exception("%s failed, answering EIO", fn.__name__)
+            raise mfusepy.FuseOSError(errno.EIO) from exc
+
+    return wrapper
+
+
+def _raise_errno(result: int) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
+    view = memoryview(data)
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, view[done:], offset + done)
+    return done
+
+
+def _stat_dict(st: os.stat_result) -> dict[str, int]:
+    return {
+        "st_mode": st.st_mode,
+        "st_ino": st.st_ino,
+        "st_nlink": st.st_nlink,
+        "st_uid": st.st_uid,
+        "st_gid": st.st_gid,
+        "st_rdev": st.st_rdev,
+        "st_size": st.st_size,
+        "st_blocks": st.st_blocks,
+        "st_blksize": st.st_blksize,
+        "st_atime": st.st_atime_ns,
+        "st_mtime": st.st_mtime_ns,
+        "st_ctime": st.st_ctime_ns,
+    }
+
+
+def _rel(path: str | None) -> bytes:
+    """The kernel's path as bytes relative to the root (``b""`` is the root itself)."""
+    if path is None:
+        raise OSError(errno.ENOENT, "file has no name any more")
+    return path.encode(_ENCODING, _ERRORS).lstrip(b"/")
+
+
+def _name(raw: bytes) -> str:
+    return raw.decode(_ENCODING, _ERRORS)
+
+
+class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
+    """Pass-through filesystem over ``root_fd`` that replicates every change via ``replicator``."""
+
+    use_ns = True  # mfusepy: times as integer nanoseconds
+
+    def __init__(
+        self,
+        root_fd: int,
+        replicator: Replicator,
+        *,
+        timeouts: CacheTimeouts = DEFAULT_TIMEOUTS,
+    ) -> None:
+        self._root = root_fd
+        self._proc_root = f"/proc/self/fd/{root_fd}".encode()
+        self._replicator = replicator
+        self.timeouts = timeouts
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = itertools.count(1)
+        self._table_lock = threading.Lock()
+        self._inode_locks = [threading.Lock() for _ in range(_INODE_LOCKS)]
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _handle(self, fh: int | None) -> _Handle:
+        handle = self._handles.get(fh) if fh is not None else None
+        if handle is None:
+            raise OSError(errno.EBADF, "unknown file handle")
+        return handle
+
+    def _writable(self, fh: int | None) -> _Handle:
+        handle = self._handle(fh)
+        if not handle.writable:
+            raise OSError(errno.EBADF, "handle not open for writing")
+        return handle
+
+    def _new_handle(self, fd: int, flags: int, writable: bool) -> int:
+        fh = self._reserve_fh()
+        self._register(fh, fd, flags, writable)
+        return fh
+
+    def _reserve_fh(self) -> int:
+        with self._table_lock:
+            return next(self._next_fh)
+
+    def _creator(self, rel: bytes) -> tuple[int, int, bool]:
+        """Owner of a new entry: the caller, with the parent's group if it is setgid."""
+        uid, gid, _pid = mfusepy.fuse_get_context()
+        parent = rel.rpartition(b"/")[0] or b"."
+        pst = os.stat(parent, dir_fd=self._root, follow_symlinks=False)
+        if pst.st_mode & stat.S_ISGID:
+            return int(uid), pst.st_gid, True
+        return int(uid), int(gid), False
+
+    def _xattr_path(self, rel: bytes) -> tuple[bytes, bool]:
+        """A path for the xattr calls and whether to follow it (only the root's magic link)."""
+        if not rel:
+            return self._proc_root, True
+        return self._proc_root + b"/" + rel, False
+
+    def _sync_times(self, rel: bytes, fd: int | None = None) -> None:
+        """Replicate the local atime/mtime of ``rel`` (a no-op locally)."""
+        st = os.fstat(fd) if fd is not None else os.stat(rel, dir_fd=self._root)
+        self._replicator.apply(ops.Utimens(rel, st.st_atime_ns, st.st_mtime_ns), lambda: None)
+
+    @staticmethod
+    def _at(rel: bytes) -> bytes:
+        return rel or b"."
+
+    # -- reads (local only) --------------------------------------------------------------
+
+    @_fuse_errors
+    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
+        handle = self._handles.get(fh) if fh else None
+        if handle is not None:
+            return _stat_dict(os.fstat(handle.fd))
+        rel = _rel(path)
+        return _stat_dict(os.stat(self._at(rel), dir_fd=self._root, follow_symlinks=False))
+
+    @_fuse_errors
+    def readdir(self, path: str | None, fh: int) -> list[str | tuple[str, dict[str, int], int]]:
+        rel = _rel(path)
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        dfd = os.open(self._at(rel), flags, dir_fd=self._root)
+        entries: list[str | tuple[str, dict[str, int], int]] = [".", ".."]
+        try:
+            with os.scandir(dfd) as it:
+                for entry in it:
+                    if entry.is_symlink():
+                        kind = stat.S_IFLNK
+                    elif entry.is_dir(follow_symlinks=False):
+                        kind = stat.S_IFDIR
+                    elif entry.is_file(follow_symlinks=False):
+                        kind = stat.S_IFREG
+                    else:
+                        kind = stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode)
+                    entries.append((entry.name, {"st_ino": entry.inode(), "st_mode": kind}, 0))
+        finally:
+            os.close(dfd)
+        return entries
+
+    @_fuse_errors
+    def readlink(self, path: str | None) -> str:
+        return _name(os.readlink(_rel(path), dir_fd=self._root))
+
+    @_fuse_errors
+    def statfs(self, path: str | None) -> dict[str, int]:
+        sv = os.statvfs(self._root)
+        return {key: int(getattr(sv, key)) for key in _STATVFS_KEYS}
+
+    @_fuse_errors
+    def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
+        return os.pread(self._handle(fh).fd, size, offset)
+
+    @_fuse_errors
+    def lseek(self, path: str | None, offset: int, whence: int, fh: int) -> int:
+        return os.lseek(self._handle(fh).fd, offset, whence)
+
+    @_fuse_errors
+    def getxattr(self, path: str | None, name: str, position: int = 0) -> bytes:
+        target, follow = self._xattr_path(_rel(path))
+        return os.getxattr(target, name.encode(_ENCODING, _ERRORS), follow_symlinks=follow)
+
+    @_fuse_errors
+    def listxattr(self, path: str | None) -> list[str]:
+        target, follow = self._xattr_path(_rel(path))
+        return os.listxattr(target, follow_symlinks=follow)
+
+    # -- handles -------------------------------------------------------------------------
+
+    @_fuse_errors
+    def open(self, path: str | None, flags: int) -> int:
+        rel = _rel(path)
+        accmode = flags & os.O_ACCMODE
+        writable = accmode != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        sync_bits = flags & (os.O_SYNC | os.O_DSYNC)
+        base = os.O_CLOEXEC | os.O_NOFOLLOW | sync_bits
+        if not writable:
+            fd = os.open(rel, os.O_RDONLY | base, dir_fd=self._root)
+            return self._new_handle(fd, flags, writable=False)
+        fh = self._reserve_fh()
+
+        def local_open() -> int:
+            fd = os.open(rel, os.O_RDWR | base, dir_fd=self._root)
+            try:
+                self._register(fh, fd, flags)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+
+        fd = self._replicator.apply(ops.Open(fh, rel), local_open)
+        if flags & os.O_TRUNC:
+            handle = self._handles[fh]
+            with handle.lock:
+                self._replicator.apply(ops.Truncate(fh, rel, 0), lambda: os.ftruncate(fd, 0))
+                handle.wrote = True
+        return fh
+
+    def _register(self, fh: int, fd: int, flags: int, writable: bool = True) -> None:
+        sync: bool | None = None
+        if (flags & os.O_SYNC) == os.O_SYNC:
+            sync = False
+        elif flags & os.O_DSYNC:
+            sync = True
+        ino = os.fstat(fd).st_ino
+        handle = _Handle(
+            fd=fd,
+            writable=writable,
+            append=bool(flags & os.O_APPEND),
+            sync=sync,
+            lock=self._inode_locks[ino % _INODE_LOCKS],
+        )
+        with self._table_lock:
+            self._handles[fh] = handle
+
+    @_fuse_errors
+    def create(self, path: str | None, mode: int, flags: int) -> int:
+        rel = _rel(path)
+        uid, gid, _setgid = self._creator(rel)
+        perm = stat.S_IMODE(mode)
+        excl = bool(flags & os.O_EXCL)
+        sync_bits = flags & (os.O_SYNC | os.O_DSYNC)
+        base = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | sync_bits
+        fh = self._reserve_fh()
+
+        def local_create() -> int:
+            fd = os.open(rel, base | os.O_CREAT | os.O_EXCL, perm, dir_fd=self._root)
+            try:
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, perm)
+                self._register(fh, fd, flags)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+
+        try:
+            self._replicator.apply(ops.Create(fh, rel, perm, uid, gid, excl), local_create)
+        except FileExistsError:
+            if excl:
+                raise
+            # Created by someone else between the kernel's lookup and us: open it instead.
+            fh_open = self.open(path, flags & ~(os.O_CREAT | os.O_EXCL))
+            return fh_open
+        if flags & os.O_TRUNC:
+            self._handles[fh].wrote = True
+        return fh
+
+    @_fuse_errors
+    def release(self, path: str | None, fh: int) -> int:
+        handle = self._handle(fh)
+
+        def local_close() -> None:
+            with self._table_lock:
+                self._handles.pop(fh, None)
+            os.close(handle.fd)
+
+        if not handle.writable:
+            local_close()
+            return 0
+        if handle.wrote and path is not None:
+            try:
+                self._sync_times(_rel(path), handle.fd)
+            except OSError:
+                log.warning("could not replicate the times of %r on release", path)
+        self._replicator.apply(ops.Release(fh), local_close)
+        return 0
+
+    # -- data ----------------------------------------------------------------------------
+
+    @_fuse_errors
+    def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
+        return self.write_at(path, data, offset, fh, writepage=False)
+
+    @_fuse_errors
+    def write_at(self, path: str | None, data: bytes, offset: int, fh: int, writepage: bool) -> int:
+        """``write``, knowing whether it is the kernel writing back mmap'ed pages."""
+        handle = self._writable(fh)
+        with handle.lock:
+            if handle.append and not writepage:
+                offset = os.fstat(handle.fd).st_size
+            self._replicator.apply(
+                ops.Write(fh, offset, data), lambda: _pwrite_all(handle.fd, data, offset)
+            )
+            handle.wrote = True
+            if handle.sync is not None:
+                self._replicator.apply(ops.Fsync(fh, b"", handle.sync), lambda: None)
+        return len(data)
+
+    @_fuse_errors
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
+        handle = self._handles.get(fh) if fh else None
+        if handle is not None and handle.writable:
+            rel = b"" if path is None else _rel(path)
+            with handle.lock:
+                self._replicator.apply(
+                    ops.Truncate(fh or -1, rel, length), lambda: os.ftruncate(handle.fd, length)
+                )
+                handle.wrote = True
+            return 0
+        rel = _rel(path)
+
+        def local() -> None:
+            fd = os.open(rel, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._root)
+            try:
+                os.ftruncate(fd, length)
+            finally:
+                os.close(fd)
+
+        self._replicator.apply(ops.Truncate(-1, rel, length), local)
+        self._sync_times(rel)
+        return 0
+
+    @_fuse_errors
+    def fallocate(self, path: str | None, mode: int, offset: int, length: int, fh: int) -> int:
+        handle = self._writable(fh)
+        with handle.lock:
+            self._replicator.apply(
+                ops.Fallocate(fh, mode, offset, length),
+                lambda: _raise_errno(_fallocate(handle.fd, mode, offset, length)),
+            )
+            handle.wrote = True
+        return 0
+
+    @_fuse_errors
+    def fsync(self, path: str | None, datasync: int, fh: int) -> int:
+        handle = self._handle(fh)
+        sync = os.fdatasync if datasync else os.fsync
+        if handle.writable:
+            op = ops.Fsync(fh, b"", bool(datasync))
+        else:
+            op = ops.Fsync(-1, _rel(path), bool(datasync))
+        self._replicator.apply(op, lambda: sync(handle.fd))
+        return 0
+
+    @_fuse_errors
+    def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
+        rel = _rel(path)
+
+        def local() -> None:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            dfd = os.open(self._at(rel), flags, dir_fd=self._root)
+            try:
+                (os.fdatasync if datasync else os.fsync)(dfd)
+            finally:
+                os.close(dfd)
+
+        self._replicator.apply(ops.Fsync(-1, rel, bool(datasync)), local)
+        return 0
+
+    # -- namespace -----------------------------------------------------------------------
+
+    @_fuse_errors
+    def mknod(self, path: str | None, mode: int, dev: int) -> int:
+        rel = _rel(path)
+        kind = stat.S_IFMT(mode)
+        if kind in (stat.S_IFCHR, stat.S_IFBLK):
+            raise OSError(errno.EPERM, "device nodes are not replicated")
+        uid, gid, _setgid = self._creator(rel)
+        perm = stat.S_IMODE(mode)
+
+        def local() -> None:
+            os.mknod(rel, kind | perm, 0, dir_fd=self._root)
+            os.chown(rel, uid, gid, dir_fd=self._root, follow_symlinks=False)
+            os.chmod(rel, perm, dir_fd=self._root, follow_symlinks=False)
+
+        self._replicator.apply(ops.Mknod(rel, kind | perm, uid, gid), local)
+        return 0
+
+    @_fuse_errors
+    def mkdir(self, path: str | None, mode: int) -> int:
+        rel = _rel(path)
+        uid, gid, setgid = self._creator(rel)
+        perm = stat.S_IMODE(mode) | (stat.S_ISGID if setgid else 0)
+
+        def local() -> None:
+            os.mkdir(rel, perm, dir_fd=self._root)
+            os.chown(rel, uid, gid, dir_fd=self._root, follow_symlinks=False)
+            os.chmod(rel, perm, dir_fd=self._root, follow_symlinks=False)
+
+        self._replicator.apply(ops.Mkdir(rel, perm, uid, gid), local)
+        return 0
+
+    @_fuse_errors
+    def unlink(self, path: str | None) -> int:
+        rel = _rel(path)
+        self._replicator.apply(ops.Unlink(rel), lambda: os.unlink(rel, dir_fd=self._root))
+        return 0
+
+    @_fuse_errors
+    def rmdir(self, path: str | None) -> int:
+        rel = _rel(path)
+        self._replicator.apply(ops.Rmdir(rel), lambda: os.rmdir(rel, dir_fd=self._root))
+        return 0
+
+    @_fuse_errors
+    def symlink(self, target: str | None, source: str) -> int:
+        """mfusepy's naming: ``target`` is the new link's path, ``source`` its content."""
+        rel = _rel(target)
+        content = source.encode(_ENCODING, _ERRORS)
+        uid, gid, _setgid = self._creator(rel)
+
+        def local() -> None:
+            os.symlink(content, rel, dir_fd=self._root)
+            os.chown(rel, uid, gid, dir_fd=self._root, follow_symlinks=False)
+
+        self._replicator.apply(ops.Symlink(content, rel, uid, gid), local)
+        return 0
+
+    @_fuse_errors
+    def rename(self, old: str | None, new: str | None, flags: int = 0) -> int:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise OSError(errno.EINVAL, "unsupported rename flags")
+        src, dst = _rel(old), _rel(new)
+
+        def local() -> None:
+            if flags:
+                _raise_errno(_renameat2(self._root, src, self._root, dst, flags))
+            else:
+                os.rename(src, dst, src_dir_fd=self._root, dst_dir_fd=self._root)
+
+        self._replicator.apply(ops.Rename(src, dst, flags), local)
+        return 0
+
+    @_fuse_errors
+    def link(self, target: str | None, source: str | None) -> int:
+        """mfusepy's naming: ``target`` is the new name, ``source`` the existing file."""
+        new, existing = _rel(target), _rel(source)
+
+        def local() -> None:
+            os.link(
+                existing,
+                new,
+                src_dir_fd=self._root,
+                dst_dir_fd=self._root,
+                follow_symlinks=False,
+            )
+
+        self._replicator.apply(ops.Link(existing, new), local)
+        return 0
+
+    # -- attributes ----------------------------------------------------------------------
+
+    def _nameless(self, path: str | None, fh: int | None) -> _Handle | None:
+        """The handle to change locally only when the file has no name any more."""
+        if path is None and fh:
+            return self._handle(fh)
+        return None
+
+    @_fuse_errors
+    def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
+        perm = stat.S_IMODE(mode)
+        handle = self._nameless(path, fh)
+        if handle is not None:
+            os.fchmod(handle.fd, perm)
+            return 0
+        rel = _rel(path)
+        self._replicator.apply(
+            ops.Chmod(rel, perm),
+            lambda: os.chmod(self._at(rel), perm, dir_fd=self._root, follow_symlinks=False),
+        )
+        return 0
+
+    @_fuse_errors
+    def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> int:
+        handle = self._nameless(path, fh)
+        if handle is not None:
+            os.fchown(handle.fd, uid, gid)
+            return 0
+        rel = _rel(path)
+        self._replicator.apply(
+            ops.Chown(rel, uid, gid),
+            lambda: os.chown(self._at(rel), uid, gid, dir_fd=self._root, follow_symlinks=False),
+        )
+        return 0
+
+    @_fuse_errors
+    def utimens(
+        self, path: str | None, times: tuple[int, int] | None = None, fh: int | None = None
+    ) -> int:
+        atime, mtime = times if times is not None else (UTIME_NOW, UTIME_NOW)
+        handle = self._nameless(path, fh)
+        if handle is not None:
+            now = time.time_ns()
+            st = os.fstat(handle.fd)
+            os.utime(handle.fd, ns=_resolve_times(atime, mtime, now, st))
+            return 0
+        rel = _rel(path)
+        at = self._at(rel)
+        st = os.stat(at, dir_fd=self._root, follow_symlinks=False)
+        a_ns, m_ns = _resolve_times(atime, mtime, time.time_ns(), st)
+        self._replicator.apply(
+            ops.Utimens(rel, a_ns, m_ns),
+            lambda: os.utime(at, ns=(a_ns, m_ns), dir_fd=self._root, follow_symlinks=False),
+        )
+        return 0
+
+    @_fuse_errors
+    def setxattr(
+        self, path: str | None, name: str, value: bytes, options: int, position: int = 0
+    ) -> int:
+        rel = _rel(path)
+        raw = _xattr_name(name)
+        target, follow = self._xattr_path(rel)
+        self._replicator.apply(
+            ops.SetXattr(rel, raw, value, options),
+            lambda: os.setxattr(target, raw, value, options, follow_symlinks=follow),
+        )
+        return 0
+
+    @_fuse_errors
+    def removexattr(self, path: str | None, name: str) -> int:
+        rel = _rel(path)
+        raw = _xattr_name(name)
+        target, follow = self._xattr_path(rel)
+        self._replicator.apply(
+            ops.RemoveXattr(rel, raw),
+            lambda: os.removexattr(target, raw, follow_symlinks=follow),
+        )
+        return 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def init_with_config(self, conn_info: Any, config_3: Any) -> None:
+        """Pin the cache behaviour the module docstring relies on (runs once, at mount)."""
+        if config_3 is not None:
+            config_3.entry_timeout = self.timeouts.entry
+            config_3.attr_timeout = self.timeouts.attr
+            config_3.negative_timeout = self.timeouts.negative
+            config_3.use_ino = 1
+            config_3.hard_remove = 1  # unlink really unlinks (no .fuse_hidden files to replicate)
+            config_3.nullpath_ok = 0  # paths of open files, so Release can replicate their times
+            config_3.kernel_cache = 0
+            config_3.direct_io = 0  # page cache on, so shared writable mmap works
+        if conn_info is not None:
+            conn_info.want &= ~FUSE_CAP_WRITEBACK_CACHE
+
+    def close_all(self) -> None:
+        """Close the local fds of handles the kernel never released (after an abort)."""
+        with self._table_lock:
+            handles = list(self._handles.values())
+            self._handles.clear()
+        for handle in handles:
+            try:
+                os.close(handle.fd)
+            except OSError:
+                pass
+
+
+def _xattr_name(name: str) -> bytes:
+    raw = name.encode(_ENCODING, _ERRORS)
+    if raw.startswith(b"system."):
+        raise OSError(errno.EOPNOTSUPP, "system.* attributes are not supported")
+    return raw
+
+
+def _resolve_times(atime: int, mtime: int, now: int, st: os.stat_result) -> tuple[int, int]:
+    """Turn UTIME_NOW/UTIME_OMIT (as libfuse passes them: 0 s + special ns) into real values."""
+
+    def one(value: int, current: int) -> int:
+        if value == UTIME_NOW:
+            return now
+        if value == UTIME_OMIT:
+            return current
+        return value
+
+    return one(atime, st.st_atime_ns), one(mtime, st.st_mtime_ns)
+
+
+class _Binding(mfusepy.FUSE):  # type: ignore[misc]
+    """mfusepy's FUSE with what it drops for libfuse 3 put back.
+
+    mfusepy passes no rename flags, no handle to truncate/chmod/chown/utimens, no writepage
+    bit, and has no lseek wrapper; this subclass forwards them to ``MirrorFS``.
+    """
+
+    def _path(self, path: bytes | None) -> str | None:
+        return None if path is None else path.decode(self.encoding, self.errors)
+
+    @staticmethod
+    def _fh(fip: Any) -> int | None:
+        return int(fip.contents.fh) if fip else None
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        return int(self.operations.rename(self._path(old), self._path(new), flags))
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+        return int(self.operations.truncate(self._path(path), length, self._fh(fip)))
+
+    def chmod_fuse_3(self, path: bytes | None, mode: int, fip: Any) -> int:
+        return int(self.operations.chmod(self._path(path), mode, self._fh(fip)))
+
+    def chown_fuse_3(self, path: bytes | None, uid: int, gid: int, fip: Any) -> int:
+        if ctypes.c_uint32(uid + 1).value == 0:
+            uid = -1
+        if ctypes.c_uint32(gid + 1).value == 0:
+            gid = -1
+        return int(self.operations.chown(self._path(path), uid, gid, self._fh(fip)))
+
+    def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        times = None
+        if buf:
+            atime = buf.contents.actime
+            mtime = buf.contents.modtime
+            times = (
+                atime.tv_sec * 10**9 + atime.tv_nsec,
+                mtime.tv_sec * 10**9 + mtime.tv_nsec,
+            )
+        return int(self.operations.utimens(self._path(path), times, self._fh(fip)))
+
+    def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        data = ctypes.string_at(buf, size)
+        fi = fip.contents
+        return int(
+            self.operations.write_at(self._path(path), data, offset, fi.fh, bool(fi.writepage))
+        )
+
+    def lseek(self, path: bytes | None, offset: int, whence: int, fip: Any) -> int:
+        return int(self.operations.lseek(self._path(path), offset, whence, self._fh(fip)))
+
+
+MOUNT_OPTIONS: dict[str, bool | str] = {
+    "default_permissions": True,  # the kernel checks modes/owners against getattr
+    "allow_other": True,  # the application may run as any user (we are root)
+}
+
+
+def serve(fs: MirrorFS, mountpoint: str, *, fsname: str = "mirrorha") -> None:
+    """Mount ``fs`` on ``mountpoint`` and serve it (multithreaded) until it is unmounted.
+
+    Blocks; run it in a thread. Raises ``RuntimeError`` if libfuse fails to mount.
+    """
+    _Binding(
+        fs,
+        mountpoint,
+        foreground=True,
+        nothreads=False,
+        encoding=_ENCODING,
+        errors=_ERRORS,
+        fsname=fsname,
+        subtype="mirrorha",
+        **MOUNT_OPTIONS,
+    )
