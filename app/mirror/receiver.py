@@ -274,10 +274,12 @@ class Receiver:
                 if flags & ~(XATTR_CREATE | XATTR_REPLACE):
                     raise ApplyError(errno.EINVAL, f"setxattr flags {flags:#x}")
                 with self._xattr_target(path) as xtarget:
-                    os.setxattr(xtarget, xname, value, flags, follow_symlinks=False)
+                    os.setxattr(
+                        xtarget, xname, value, flags, follow_symlinks=isinstance(xtarget, int)
+                    )
             case ops.RemoveXattr(path=path, name=xname):
                 with self._xattr_target(path) as xtarget:
-                    os.removexattr(xtarget, xname, follow_symlinks=False)
+                    os.removexattr(xtarget, xname, follow_symlinks=isinstance(xtarget, int))
             case _:
                 raise ApplyError(errno.ENOSYS, f"unknown op {type(op).__name__}")
 
@@ -294,9 +296,9 @@ class Receiver:
                 self._handles[op.fh] = self._open_regular(parent, name, _WRITE_FLAGS)
                 return
             try:
-                os.fchmod(fd, stat.S_IMODE(op.mode))
                 if op.uid != -1 or op.gid != -1:
                     os.fchown(fd, op.uid, op.gid)
+                os.fchmod(fd, stat.S_IMODE(op.mode))  # after chown, which clears setuid
             except BaseException:
                 os.close(fd)
                 raise
@@ -362,6 +364,8 @@ class Receiver:
 
     @contextmanager
     def _xattr_target(self, path: bytes) -> Iterator[int | bytes]:
+        """The root's descriptor, or /proc/self/fd/<parent>/<name> for l*xattr (int: an fd,
+        for which Python wants follow_symlinks=True; a path is never followed at its end)."""
         if path == b"":
             yield self._root
             return
@@ -413,5 +417,5 @@ def _chmod_nofollow(parent: int, name: bytes, mode: int) -> None:
 
 
 def _describe(op: Op) -> str:
-    where = getattr(op, "path", None) or getattr(op, "old", None)
+    where = getattr(op, "path", getattr(op, "old", None))
     return f"{type(op).__name__} {where!r}" if where is not None else type(op).__name__
