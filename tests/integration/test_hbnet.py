@@ -291,3 +291,47 @@ def test_bind_failure_names_the_network() -> None:
             await a.close()
 
     run(scenario)
+
+
+def test_restarted_peer_is_accepted_again_with_its_new_boot() -> None:
+    async def scenario() -> None:
+        port = free_port()
+        async with pair(port) as (a, b):
+            await until("node1 sees node2", lambda: a.peer_seen(TIMEOUT))
+            await b.close()
+            b2 = make("node2", B_NETS, port)  # the daemon restarts: a new boot id
+            try:
+                await b2.start()
+
+                def new_boot_seen() -> bool:
+                    latest = a.latest()
+                    return latest is not None and latest.boot == b2.boot and a.peer_seen(TIMEOUT)
+
+                await until("node1 accepts node2's new boot", new_boot_seen)
+                await until("node2 sees node1 again", lambda: b2.peer_seen(TIMEOUT))
+            finally:
+                await b2.close()
+
+    run(scenario)
+
+
+def test_restart_of_this_node_is_accepted_by_the_peer() -> None:
+    async def scenario() -> None:
+        port = free_port()
+        async with pair(port) as (a, b):
+            await until("node2 sees node1", lambda: b.peer_seen(TIMEOUT))
+            await a.close()
+            a2 = make("node1", A_NETS, port)
+            try:
+                await a2.start()
+
+                def new_boot_seen() -> bool:
+                    latest = b.latest()
+                    return latest is not None and latest.boot == a2.boot
+
+                await until("node2 accepts node1's new boot", new_boot_seen)
+                await until("node1 sees node2", lambda: a2.peer_seen(TIMEOUT))
+            finally:
+                await a2.close()
+
+    run(scenario)
