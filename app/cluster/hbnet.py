@@ -154,6 +154,14 @@ class HeartbeatNet:
             raise ValueError("at least one heartbeat network is needed")
         if len({n.name for n in self.networks}) != len(self.networks):
             raise ValueError("heartbeat network names must be unique")
+        for net in self.networks:
+            for role, ip in (("local", net.local_ip), ("peer", net.peer_ip)):
+                try:
+                    ipaddress.ip_address(ip)
+                except ValueError:
+                    raise ValueError(
+                        f"heartbeat network {net.name!r}: {role} {ip!r} is not an IP address"
+                    ) from None
         if not key:
             raise ValueError("the cluster key must not be empty")
         if pulse <= 0:
