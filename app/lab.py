@@ -756,3 +756,10 @@ class Lab:
                 lines.append(f"  {node}:{path} -> {self.host_path(node, path)}")
         lines.append("enter node1 by hand: " + " ".join(self.cmd("node1", ["bash"])))
         return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The lab command (app/labcli.py) as `mirrorha lab ...`; returns the exit status."""
+    from app.labcli import main as cli_main
+
+    return cli_main(argv, prog="mirrorha lab")

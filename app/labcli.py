@@ -34,26 +34,33 @@ class _Stop(Exception):
     """Raised by the CLI's SIGINT/SIGTERM handler to leave the wait of `up`."""
 
 
+_PROG = ["python -m app.labcli"]
+
+
 def _prog() -> str:
-    """How the user called us: tests/lab/lab sets MIRRORHA_LAB_PROG; `mirrorha lab` may too."""
-    return os.environ.get("MIRRORHA_LAB_PROG") or "python -m app.labcli"
+    """How the user called us (tests/lab/lab sets MIRRORHA_LAB_PROG), for usage and hints."""
+    return os.environ.get("MIRRORHA_LAB_PROG") or _PROG[0]
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=_prog(), description="mirrorha two-node lab")
     parser.add_argument("--prefix", default="mh-", help="namespace name prefix (default mh-)")
     parser.add_argument("--workdir", default=None, help="work dir (default: per prefix, in /tmp)")
+    # The same options after the command too (`mirrorha lab status --prefix x-`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--prefix", default=argparse.SUPPRESS, help="as above")
+    common.add_argument("--workdir", default=argparse.SUPPRESS, help="as above")
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="build the lab, wait for Ctrl-C, tear it down")
+    up = sub.add_parser("up", parents=[common], help="build the lab, wait for Ctrl-C, tear down")
     up.add_argument(
         "--shared-path",
         action="append",
         default=None,
         help="path each node sees with its own content (repeatable; default /srv/mirrorha/data)",
     )
-    sub.add_parser("down", help="remove whatever a lab with this prefix left behind")
-    sub.add_parser("status", help="show the namespaces, mounts and processes of this prefix")
-    shell = sub.add_parser("shell", help="run a shell (or a command) inside a host")
+    sub.add_parser("down", parents=[common], help="remove what a lab with this prefix left")
+    sub.add_parser("status", parents=[common], help="show this prefix's namespaces, mounts, pids")
+    shell = sub.add_parser("shell", parents=[common], help="run a shell (or a command) in a host")
     shell.add_argument("host", choices=HOSTS)
     shell.add_argument("argv", nargs=argparse.REMAINDER, help="command (default: $SHELL)")
     return parser
@@ -126,7 +133,10 @@ def _shell(lab: Lab, host: str, argv: Sequence[str]) -> int:
     return 1  # not reached
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run the lab command with argv (default sys.argv[1:]); prog names it in messages."""
+    if prog is not None:
+        _PROG[0] = prog
     args = _parser().parse_args(argv)
     try:
         if args.command == "up":
