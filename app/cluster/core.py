@@ -1,0 +1,1101 @@
+"""The decision core of a node: one snapshot in, one decision out. No I/O, no clock.
+
+Rule 1: everything that affects state transitions lives here. The node daemon builds a frozen
+``Snapshot`` every tick (the time is a number in it), calls ``decide(snapshot, config)`` and runs
+the returned ``Decision.actions`` in order through its adapters. ``decide`` reads nothing else.
+
+States and sub-states (the reference product's words)
+    STOP -> WAIT -> ALONE | PRIM | SECOND, each NotReady / Transient / Ready. Entering a state
+    with actions gives Transient; the next tick whose previous actions all succeeded settles it
+    (Ready; WAIT and STOP settle NotReady). SECOND stays Transient while it resynchronises.
+
+How a tick is run (the executor's contract)
+    1. Build the snapshot. ``goal`` is the ``Decision.goal`` of the previous tick, echoed back
+       (the only memory the core keeps between ticks); ``last`` is the outcome of the previous
+       tick's actions; ``last_tick`` the time the previous tick finished.
+    2. ``decide``. An admin command that is not allowed raises ``IllegalCommand`` (nothing
+       changes): report it, drop the command, decide again without it.
+    3. Publish ``new_state``/``substatus`` (heartbeat, API) *before* running the actions, so the
+       peer sees "WAIT Transient" while our application stops and holds off.
+    4. Run the actions in order, each to completion. When an action whose ``critical`` is true
+       fails, skip the rest and report it in the next snapshot's ``last``; other failures are
+       reported and the batch goes on (a stop script that fails is followed by the rest of the
+       stop). A ``RunScript`` of a stop script means the graceful call then the forced one
+       (``scripts.run_stop``); ``force=True`` means the forced call only (forcestop).
+
+Ordering rules the decisions guarantee
+    Leaving ALONE/PRIM releases the VIP first. The VIP is claimed only after
+    ``StartMirrorPrimary`` succeeded, and ``NewGeneration`` comes before the application starts.
+    In a swap the primary stops its application (``stop_prim``) and only then tells the peer to
+    take over; the peer takes over only from a primary that is WAIT and not Transient.
+
+Peer loss, witness, split brain
+    A primary that loses the peer stays primary alone (ALONE, new generation) if the witness
+    answers, or if no witness is configured; if the witness does not answer it releases the VIP,
+    stops the application and waits. A SECOND Ready (its data is up to date) takes over
+    ``takeover_delay`` seconds after the primary would have given up, under the same witness
+    rule, only with failover on. A clean stop announced by the peer is acted on at once. Nodes
+    that meet again compare generations (generation.py): the newer becomes or stays primary;
+    between two primaries the one whose generation ranks lower (a failover beats nothing, a
+    running primary beats a failover, then the preferred node, then the smaller name) gives way:
+    it quarantines what it wrote and takes a full resync.
+
+Exception tree
+    ClusterError (errors.py)
+     +-- CoreError
+           +-- IllegalCommand   an admin command not allowed in this situation (says why)
+
+Known limits
+    - A node without its peer and without proof that its data is current (it restarted, it was
+      isolated, it is fresh, inconsistent or diverged) waits for the peer or for ``prim``.
+    - The witness is asked only when the peer is lost: a running ALONE stays ALONE when the
+      witness later stops answering.
+    - Checker verdicts other than ``wait`` are events: the executor clears them once a decision
+      has seen them, otherwise they are applied again on the next tick.
+    - Without a witness a link cut gives two primaries (as the reference product); the
+      divergence is resolved when they meet, the loser's writes go to quarantine.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from app.cluster.errors import ClusterError
+from app.cluster.generation import Generation, Origin, Relation, compare, origin_rank
+
+
+class CoreError(ClusterError):
+    """Base of the decision core's errors."""
+
+
+class IllegalCommand(CoreError):
+    """An admin command that is refused here and now; the message says why."""
+
+
+# ------------------------------------------------------------------ vocabulary
+
+
+class State(enum.StrEnum):
+    STOP = "STOP"
+    WAIT = "WAIT"
+    ALONE = "ALONE"
+    PRIM = "PRIM"
+    SECOND = "SECOND"
+
+
+class Sub(enum.StrEnum):
+    NOT_READY = "NotReady"
+    TRANSIENT = "Transient"
+    READY = "Ready"
+
+
+class Command(enum.StrEnum):
+    START = "start"
+    STOP = "stop"
+    FORCESTOP = "forcestop"
+    RESTART = "restart"
+    STOPSTART = "stopstart"
+    SWAP = "swap"
+    PRIM = "prim"
+    PRIMFORCE = "primforce"
+    SECOND = "second"
+    SECOND_FULLSYNC = "second_fullsync"
+
+
+class PeerRequest(enum.StrEnum):
+    """Peer-to-peer coordination carried by the heartbeat's ``command`` field."""
+
+    SWAP = "swap"  # sent by a SECOND Ready: please hand PRIM over to me
+    TAKE_OVER = "take_over"  # sent by a primary that stopped its application for a swap
+
+
+class Witness(enum.StrEnum):
+    REACHABLE = "reachable"
+    UNREACHABLE = "unreachable"
+    UNKNOWN = "unknown"  # no answer yet
+
+
+class Resync(enum.StrEnum):
+    NONE = "none"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Mirror(enum.StrEnum):
+    OFF = "off"
+    CONNECTED = "connected"
+    DROPPED = "dropped"  # the primary dropped a secondary that did not acknowledge in time
+    DEGRADED = "degraded"  # replication itself fails on the primary
+
+
+class Verdict(enum.StrEnum):
+    RESTART = "restart"
+    STOPSTART = "stopstart"
+    WAIT = "wait"
+    SWAP = "swap"
+    STOP = "stop"
+
+
+class Goal(enum.StrEnum):
+    """What a multi-tick move is heading for (echoed back by the executor)."""
+
+    NONE = "none"
+    STOP = "stop"  # WAIT on the way to STOP
+    STOPSTART = "stopstart"  # stop, then start again
+    SWAP = "swap"  # this primary stopped for a swap; wait for the peer to take over
+    RESUME = "resume"  # a primary paused (freeze, checker wait): may resume alone
+    FAILED = "failed"  # a critical action failed: WAIT on the way to STOP
+
+
+# ------------------------------------------------------------------ snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """What this node knows of the peer."""
+
+    seen: bool = False  # a valid heartbeat within the heartbeat timeout
+    state: State | None = None  # from its latest heartbeat
+    substatus: Sub | None = None
+    generation: Generation | None = None
+    stopping: bool = False  # its latest heartbeat announced a clean stop (app and VIP down)
+    last_seen: float | None = None  # time of its latest valid heartbeat (our clock)
+    request: PeerRequest | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Checker:
+    name: str
+    verdict: Verdict
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How the previous tick's actions went."""
+
+    ok: bool
+    failed: Action | None = None  # the first action that failed
+    detail: str = ""
+    timed_out: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    now: float
+    state: State
+    substatus: Sub
+    since: float  # when the current state was entered
+    generation: Generation
+    peer: Peer = field(default_factory=Peer)
+    command: Command | None = None  # pending admin command
+    goal: Goal = Goal.NONE  # previous Decision.goal
+    witness: Witness = Witness.UNKNOWN
+    resync: Resync = Resync.NONE  # the resync this node takes part in
+    mirror: Mirror = Mirror.OFF
+    vip_held: bool = False
+    last: Outcome | None = None
+    last_tick: float | None = None  # when the previous tick finished
+    checkers: tuple[Checker, ...] = ()
+    generation_problem: str | None = None  # generation file unusable: running as unknown
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    node: str
+    peer: str
+    heartbeat_timeout: float
+    takeover_delay: float = 2.0  # extra silence a SECOND waits before taking over
+    failover: bool = True
+    failback: str = "stay"  # "stay" or the name of the preferred primary
+    witness: str | None = None  # witness address(es) for reasons; None: not configured
+
+
+# ------------------------------------------------------------------ actions
+
+
+class Script(enum.StrEnum):
+    PRESTART = "prestart"
+    START_PRIM = "start_prim"
+    STOP_PRIM = "stop_prim"
+    START_SECOND = "start_second"
+    STOP_SECOND = "stop_second"
+    START_BOTH = "start_both"
+    STOP_BOTH = "stop_both"
+    POSTSTOP = "poststop"
+    TRANSITION = "transition"
+
+
+_START_SCRIPTS = {Script.PRESTART, Script.START_PRIM, Script.START_SECOND, Script.START_BOTH}
+_STOP_SCRIPTS = {Script.STOP_PRIM, Script.STOP_SECOND, Script.STOP_BOTH}
+
+
+@dataclass(frozen=True, slots=True)
+class RunScript:
+    """``name CURRENT NEXT ACTION``; stop scripts: graceful then forced (forced only if force)."""
+
+    name: Script
+    current: State
+    next: State
+    action: str
+    force: bool = False
+
+    @property
+    def critical(self) -> bool:
+        return self.name in _START_SCRIPTS
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimVip:
+    critical = True
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseVip:
+    critical = True
+
+
+@dataclass(frozen=True, slots=True)
+class StartMirrorPrimary:
+    """Serve the replicated directories through the mount and replicate to the peer."""
+
+    critical = True
+
+
+@dataclass(frozen=True, slots=True)
+class StopMirror:
+    """Stop whichever side runs: the primary's mount or the SECOND's receiver."""
+
+    critical = False
+
+
+@dataclass(frozen=True, slots=True)
+class StartReceiver:
+    """SECOND side: accept the primary's operations and resync."""
+
+    critical = True
+
+
+@dataclass(frozen=True, slots=True)
+class StartResync:
+    """Take part in a resync; the pair copies everything if either side asks ``full``."""
+
+    role: Literal["source", "target"]
+    full: bool
+    critical = True
+
+
+@dataclass(frozen=True, slots=True)
+class NewGeneration:
+    """Start a new data generation (before the application writes as ALONE)."""
+
+    origin: Origin
+    critical = True
+
+
+@dataclass(frozen=True, slots=True)
+class MarkInconsistent:
+    critical = True
+
+
+@dataclass(frozen=True, slots=True)
+class MarkConsistent:
+    """The resync finished: adopt ``source`` (the peer's generation)."""
+
+    source: Generation
+    critical = True
+
+
+@dataclass(frozen=True, slots=True)
+class MarkPeerSynced:
+    """The peer holds our current generation: the journal base is no longer needed."""
+
+    critical = False
+
+
+@dataclass(frozen=True, slots=True)
+class MarkPrimary:
+    """Persist the crash marker: set before the application starts as primary."""
+
+    primary: bool
+
+    @property
+    def critical(self) -> bool:
+        return self.primary
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantine:
+    """Keep what this node wrote since the common generation in a dated folder, with a report."""
+
+    reason: str
+    critical = True
+
+
+@dataclass(frozen=True, slots=True)
+class SendToPeer:
+    request: PeerRequest
+    critical = False
+
+
+Action = (
+    RunScript
+    | ClaimVip
+    | ReleaseVip
+    | StartMirrorPrimary
+    | StopMirror
+    | StartReceiver
+    | StartResync
+    | NewGeneration
+    | MarkInconsistent
+    | MarkConsistent
+    | MarkPeerSynced
+    | MarkPrimary
+    | Quarantine
+    | SendToPeer
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    new_state: State
+    substatus: Sub
+    actions: tuple[Action, ...]
+    reason: str
+    goal: Goal = Goal.NONE
+
+
+# ------------------------------------------------------------------ helpers
+
+_PRIMARY = (State.ALONE, State.PRIM)
+_STOPPING = (Goal.STOP, Goal.STOPSTART, Goal.FAILED)
+_RUNNING = (State.ALONE, State.PRIM, State.SECOND)
+
+
+def _script(name: Script, cur: State, nxt: State, action: str, force: bool = False) -> RunScript:
+    return RunScript(name, cur, nxt, action, force)
+
+
+def _leave(s: Snapshot, nxt: State, action: str, force: bool = False) -> list[Action]:
+    """Stop what the current state runs, VIP first, and run the transition script."""
+    cur = s.state
+    acts: list[Action] = []
+    if cur in _PRIMARY or s.vip_held:
+        acts.append(ReleaseVip())
+    if cur in _PRIMARY:
+        acts.append(_script(Script.STOP_PRIM, cur, nxt, action, force))
+    if cur is State.SECOND and s.substatus is not Sub.TRANSIENT:
+        acts.append(_script(Script.STOP_SECOND, cur, nxt, action, force))
+    both_ran = cur in _PRIMARY or (cur is State.SECOND and s.substatus is not Sub.TRANSIENT)
+    if both_ran and (nxt in (State.WAIT, State.STOP) or cur in _PRIMARY):
+        acts.append(_script(Script.STOP_BOTH, cur, nxt, action, force))
+    if cur in _RUNNING:
+        acts.append(StopMirror())
+    if cur in _PRIMARY:
+        acts.append(MarkPrimary(False))
+    if cur is not nxt:
+        acts.append(_script(Script.TRANSITION, cur, nxt, action))
+    return acts
+
+
+def _enter_alone(s: Snapshot, action: str, origin: Origin, reason: str) -> Decision:
+    """From WAIT, STOP (after start scripts) or SECOND: become primary alone."""
+    cur = s.state
+    acts: list[Action] = []
+    if cur is State.STOP:
+        acts += [_script(Script.TRANSITION, cur, State.WAIT, "start")]
+        acts += [_script(Script.PRESTART, cur, State.WAIT, "start")]
+        cur = State.WAIT
+    if cur is State.SECOND:
+        if s.substatus is not Sub.TRANSIENT:
+            acts.append(_script(Script.STOP_SECOND, cur, State.ALONE, action))
+        acts.append(StopMirror())
+    acts += [NewGeneration(origin), MarkPrimary(True), StartMirrorPrimary()]
+    acts.append(_script(Script.TRANSITION, cur, State.ALONE, action))
+    acts.append(ClaimVip())
+    if not (s.state is State.SECOND and s.substatus is not Sub.TRANSIENT):
+        acts.append(_script(Script.START_BOTH, cur, State.ALONE, action))
+    acts.append(_script(Script.START_PRIM, cur, State.ALONE, action))
+    return Decision(State.ALONE, Sub.TRANSIENT, tuple(acts), reason)
+
+
+def _enter_second(
+    s: Snapshot, action: str, full: bool, reason: str, quarantine: str | None = None
+) -> Decision:
+    """Become SECOND Transient: quarantine if needed, mark inconsistent, receive, resync."""
+    acts: list[Action] = []
+    cur = s.state
+    if cur is State.STOP:
+        acts += [_script(Script.TRANSITION, cur, State.WAIT, "start")]
+        acts += [_script(Script.PRESTART, cur, State.WAIT, "start")]
+    elif cur is not State.WAIT:
+        acts += _leave(s, State.SECOND, action)
+    elif s.vip_held:
+        acts.append(ReleaseVip())
+    if cur in (State.STOP, State.WAIT):
+        acts.append(_script(Script.TRANSITION, State.WAIT, State.SECOND, action))
+    if quarantine is not None:
+        acts.append(Quarantine(quarantine))
+    acts += [MarkInconsistent(), StartReceiver(), StartResync("target", full)]
+    return Decision(State.SECOND, Sub.TRANSIENT, tuple(acts), reason)
+
+
+def _to_wait(s: Snapshot, action: str, reason: str, goal: Goal = Goal.NONE) -> Decision:
+    acts = _leave(s, State.WAIT, action)
+    sub = (
+        Sub.TRANSIENT
+        if any(isinstance(a, RunScript) and a.name is not Script.TRANSITION for a in acts)
+        else Sub.NOT_READY
+    )
+    return Decision(State.WAIT, sub, tuple(acts), reason, goal)
+
+
+def _stay(
+    s: Snapshot,
+    reason: str,
+    actions: tuple[Action, ...] = (),
+    goal: Goal = Goal.NONE,
+    sub: Sub | None = None,
+) -> Decision:
+    """Keep the state; a Transient state settles once the previous actions succeeded."""
+    if sub is None:
+        sub = s.substatus
+        if sub is Sub.TRANSIENT and not actions and (s.last is None or s.last.ok):
+            sub = Sub.NOT_READY if s.state in (State.WAIT, State.STOP) else Sub.READY
+        if s.state in (State.WAIT, State.STOP) and sub is Sub.READY:
+            sub = Sub.NOT_READY
+    return Decision(s.state, sub, actions, reason, goal)
+
+
+def _peer_active(p: Peer) -> bool:
+    """The peer runs and did not announce a clean stop."""
+    return p.seen and not p.stopping and p.state is not None and p.state is not State.STOP
+
+
+def _peer_out_cleanly(p: Peer) -> bool:
+    return p.stopping or (p.seen and p.state is State.STOP)
+
+
+def _lost_for(s: Snapshot) -> float:
+    ref = s.peer.last_seen if s.peer.last_seen is not None else s.since
+    return max(0.0, s.now - ref)
+
+
+def _witness_text(cfg: CoreConfig) -> str:
+    return f"witness {cfg.witness}"
+
+
+def _relation(s: Snapshot) -> Relation | None:
+    if s.peer.generation is None:
+        return None
+    return compare(s.generation, s.peer.generation)
+
+
+def _winner_by_name(cfg: CoreConfig) -> bool:
+    """Tie-break between equals: the preferred node, else the smaller name. True: we win."""
+    if cfg.failback in (cfg.node, cfg.peer):
+        return cfg.failback == cfg.node
+    return cfg.node < cfg.peer
+
+
+def _lone_wait_reason(s: Snapshot) -> str:
+    g = s.generation
+    if s.generation_problem is not None:
+        return (
+            f"WAIT: generation file unusable ({s.generation_problem}); data treated as "
+            "unknown: wait for the other server, or run prim if you are sure"
+        )
+    if g.inconsistent:
+        return (
+            "WAIT: data inconsistent (stopped during a resync): wait for the other server; "
+            "only primforce starts this copy"
+        )
+    if g.fresh:
+        return "WAIT: data never synchronised: run prim on the node with the good data"
+    return (
+        "WAIT: data may not be up to date; wait for the other server, or run prim if you are sure"
+    )
+
+
+def _up_to_date_against(rel: Relation | None, g: Generation) -> bool:
+    return (
+        rel is not None
+        and not g.inconsistent
+        and not g.fresh
+        and (rel is Relation.EQUAL or rel.local_newer)
+    )
+
+
+# ------------------------------------------------------------------ commands
+
+
+def check_command(snapshot: Snapshot, command: Command) -> None:
+    """Raise ``IllegalCommand`` (saying why) if ``command`` is not allowed now."""
+    s, p = snapshot, snapshot.peer
+    st = s.state
+    peer_primary = _peer_active(p) and p.state in _PRIMARY
+    if command is Command.START and st is not State.STOP:
+        raise IllegalCommand(f"start: the module is already started (state {st})")
+    if command in (Command.STOP, Command.FORCESTOP, Command.STOPSTART) and st is State.STOP:
+        raise IllegalCommand(f"{command}: the module is already stopped")
+    if command is Command.RESTART and st not in _RUNNING:
+        raise IllegalCommand(
+            f"restart restarts the application, which runs only in ALONE, PRIM or SECOND "
+            f"(state {st}): use start or stopstart"
+        )
+    if command is Command.SWAP:
+        peer_second_ready = (
+            _peer_active(p) and p.state is State.SECOND and (p.substatus is Sub.READY)
+        )
+        if st is State.PRIM and peer_second_ready and s.substatus is Sub.READY:
+            return
+        if (
+            st is State.SECOND
+            and s.substatus is Sub.READY
+            and _peer_active(p)
+            and (p.state is State.PRIM)
+        ):
+            return
+        raise IllegalCommand(
+            f"swap needs PRIM Ready and SECOND Ready (here {st} {s.substatus}, peer "
+            f"{_peer_text(p)})"
+        )
+    if command in (Command.PRIM, Command.PRIMFORCE):
+        if st in _PRIMARY:
+            raise IllegalCommand(f"{command}: this node is already primary ({st})")
+        if peer_primary:
+            raise IllegalCommand(
+                f"{command}: the peer is primary ({p.state}); run second here, or stop the "
+                "peer first"
+            )
+        if command is Command.PRIM and s.generation.inconsistent:
+            raise IllegalCommand(
+                "prim: this node was stopped in the middle of a resync and its data is "
+                "inconsistent; use primforce only if you accept this copy (the peer then gets "
+                "a full resync)"
+            )
+    if command in (Command.SECOND, Command.SECOND_FULLSYNC):
+        if not peer_primary:
+            raise IllegalCommand(
+                f"{command}: the peer must be primary (ALONE or PRIM), it is {_peer_text(p)}"
+            )
+        if st is State.SECOND and command is Command.SECOND:
+            raise IllegalCommand("second: already SECOND; use second fullsync to copy again")
+
+
+def _peer_text(p: Peer) -> str:
+    if p.stopping:
+        return "stopped"
+    if not p.seen or p.state is None:
+        return "not seen"
+    return f"{p.state} {p.substatus}"
+
+
+def _apply_command(s: Snapshot, cfg: CoreConfig, cmd: Command) -> Decision:
+    st = s.state
+    acts: tuple[Action, ...]
+    if cmd is Command.START:
+        acts = (
+            _script(Script.TRANSITION, st, State.WAIT, "start"),
+            _script(Script.PRESTART, st, State.WAIT, "start"),
+        )
+        return Decision(State.WAIT, Sub.TRANSIENT, acts, "WAIT: starting (prestart)")
+    if cmd in (Command.STOP, Command.FORCESTOP, Command.STOPSTART):
+        goal = Goal.STOPSTART if cmd is Command.STOPSTART else Goal.STOP
+        acts = tuple(_leave(s, State.WAIT, str(cmd), force=cmd is Command.FORCESTOP))
+        return Decision(State.WAIT, Sub.TRANSIENT, acts, f"WAIT: {cmd} requested", goal)
+    if cmd is Command.RESTART:
+        if st in _PRIMARY:
+            acts = (
+                _script(Script.STOP_PRIM, st, st, "restart"),
+                _script(Script.START_PRIM, st, st, "restart"),
+            )
+        else:
+            acts = (
+                _script(Script.STOP_SECOND, st, st, "restart"),
+                _script(Script.START_SECOND, st, st, "restart"),
+            )
+        return Decision(st, Sub.TRANSIENT, acts, f"{st}: restarting the application")
+    if cmd is Command.SWAP:
+        if st is State.SECOND:
+            return _stay(
+                s,
+                "SECOND: swap requested; asking the primary to hand over",
+                (SendToPeer(PeerRequest.SWAP),),
+            )
+        return _swap_out(s, "swap requested by the admin")
+    if cmd in (Command.PRIM, Command.PRIMFORCE):
+        why = "data inconsistent, forced" if s.generation.inconsistent else "forced by the admin"
+        return _enter_alone(s, str(cmd), Origin.FORCED, f"ALONE: {cmd} ({why})")
+    # second / second fullsync
+    rel = _relation(s)
+    full = cmd is Command.SECOND_FULLSYNC or rel is None or rel.full
+    quarantine = _quarantine_needed(s, rel, "second forced by the admin")
+    return _enter_second(
+        s, str(cmd), full, f"SECOND: {cmd} requested; resynchronising from {cfg.peer}", quarantine
+    )
+
+
+def _quarantine_needed(s: Snapshot, rel: Relation | None, why: str) -> str | None:
+    """Our data holds writes the peer lacks: keep them before they are overwritten."""
+    if s.generation.inconsistent or s.generation.fresh:
+        return None
+    if rel is None or rel in (Relation.DIVERGED, Relation.UNKNOWN) or rel.local_newer:
+        return f"{why}: this node's writes since generation {s.generation.current} kept"
+    return None
+
+
+def _swap_out(s: Snapshot, why: str) -> Decision:
+    acts = _leave(s, State.WAIT, "swap")
+    acts.append(SendToPeer(PeerRequest.TAKE_OVER))
+    return Decision(
+        State.WAIT,
+        Sub.TRANSIENT,
+        tuple(acts),
+        f"WAIT: {why}; application stopped here, the peer takes over",
+        Goal.SWAP,
+    )
+
+
+# ------------------------------------------------------------------ decide
+
+
+def decide(snapshot: Snapshot, config: CoreConfig) -> Decision:
+    """The one rule of the node: what to do now. Raises ``IllegalCommand`` for a bad command."""
+    s, cfg = snapshot, config
+    if s.command is not None:
+        check_command(s, s.command)
+        return _apply_command(s, cfg, s.command)
+    if s.state is State.STOP:
+        return _decide_stop(s)
+    frozen = _freeze(s, cfg)
+    if frozen is not None:
+        return frozen
+    failed = _after_failure(s, cfg)
+    if failed is not None:
+        return failed
+    if s.goal in _STOPPING and s.state is State.WAIT:
+        reason = (
+            "STOP: stopped"
+            if s.goal is not Goal.FAILED
+            else ("STOP: stopped after a failed action (see the previous reason and the log)")
+        )
+        acts = (
+            _script(Script.TRANSITION, State.WAIT, State.STOP, str(s.goal)),
+            _script(Script.POSTSTOP, State.WAIT, State.STOP, str(s.goal)),
+        )
+        goal = Goal.STOPSTART if s.goal is Goal.STOPSTART else Goal.NONE
+        return Decision(State.STOP, Sub.NOT_READY, acts, reason, goal)
+    checked = _checkers(s, cfg)
+    if checked is not None:
+        return checked
+    handler = {
+        State.WAIT: _decide_wait,
+        State.ALONE: _decide_alone,
+        State.PRIM: _decide_prim,
+        State.SECOND: _decide_second,
+    }[s.state]
+    return handler(s, cfg)
+
+
+def _decide_stop(s: Snapshot) -> Decision:
+    if s.goal is Goal.STOPSTART:
+        acts = (
+            _script(Script.TRANSITION, State.STOP, State.WAIT, "stopstart"),
+            _script(Script.PRESTART, State.STOP, State.WAIT, "stopstart"),
+        )
+        return Decision(State.WAIT, Sub.TRANSIENT, acts, "WAIT: starting again (stopstart)")
+    if s.vip_held:
+        return _stay(s, "STOP: releasing a VIP still held", (ReleaseVip(),), sub=Sub.NOT_READY)
+    reason = "STOP: stopped"
+    if s.last is not None and not s.last.ok:
+        reason = f"STOP: stopped; last action failed: {_failure_text(s.last)}"
+    return _stay(s, reason, sub=Sub.NOT_READY)
+
+
+def _failure_text(o: Outcome) -> str:
+    what = o.failed
+    name = what.name.value if isinstance(what, RunScript) else type(what).__name__
+    return f"{name} {'timed out' if o.timed_out else 'failed'}" + (
+        f" ({o.detail})" if o.detail else ""
+    )
+
+
+def _freeze(s: Snapshot, cfg: CoreConfig) -> Decision | None:
+    """A node that did not tick for longer than the timeout may have been replaced."""
+    if s.last_tick is None or s.state not in _RUNNING:
+        return None
+    gap = s.now - s.last_tick
+    if gap <= cfg.heartbeat_timeout:
+        return None
+    reason = (
+        f"WAIT: woke up after {gap:.1f} s without a tick (longer than the "
+        f"{cfg.heartbeat_timeout:g} s timeout); application stopped until the peer is "
+        "re-evaluated"
+    )
+    goal = Goal.RESUME if s.state in _PRIMARY else Goal.NONE
+    return _to_wait(s, "stopwait", reason, goal)
+
+
+def _after_failure(s: Snapshot, cfg: CoreConfig) -> Decision | None:
+    o = s.last
+    if o is None or o.ok or o.failed is None:
+        return None
+    f = o.failed
+    text = _failure_text(o)
+    if isinstance(f, ReleaseVip):
+        # Stay WAIT Transient (the peer holds off) and retry the whole leave.
+        return Decision(
+            State.WAIT,
+            Sub.TRANSIENT,
+            tuple(_leave(s, State.WAIT, "stopwait")) or (ReleaseVip(),),
+            f"WAIT: {text}; retrying",
+            s.goal,
+        )
+    if isinstance(f, StartResync | StartReceiver) and s.state is State.SECOND:
+        return None  # the SECOND handler retries the resync
+    if s.goal in _STOPPING and s.state is State.WAIT:
+        return None  # keep stopping
+    if f.critical:
+        why = (
+            "rather than leaving a half-started primary"
+            if s.state in _PRIMARY
+            else "rather than retrying blindly"
+        )
+        return Decision(
+            State.WAIT,
+            Sub.TRANSIENT,
+            tuple(_leave(s, State.WAIT, "stop")),
+            f"WAIT: {text}; stopping the module {why}",
+            Goal.FAILED,
+        )
+    return None
+
+
+def _checkers(s: Snapshot, cfg: CoreConfig) -> Decision | None:
+    waits = [c for c in s.checkers if c.verdict is Verdict.WAIT]
+    if waits:
+        c = waits[0]
+        why = f"checker {c.name} says wait" + (f" ({c.detail})" if c.detail else "")
+        if s.state is State.WAIT:
+            return _stay(s, f"WAIT: {why}", goal=s.goal)
+        goal = Goal.RESUME if s.state in _PRIMARY else Goal.NONE
+        return _to_wait(s, "stopwait", f"WAIT: {why}; application stopped", goal)
+    if s.state not in _PRIMARY:
+        return None
+    order = [Verdict.STOP, Verdict.STOPSTART, Verdict.SWAP, Verdict.RESTART]
+    for verdict in order:
+        for c in s.checkers:
+            if c.verdict is not verdict:
+                continue
+            why = f"checker {c.name} asks {verdict}" + (f" ({c.detail})" if c.detail else "")
+            if verdict is Verdict.RESTART:
+                return replace(
+                    _apply_command(s, cfg, Command.RESTART),
+                    reason=f"{s.state}: {why}; restarting the application",
+                )
+            if verdict is Verdict.SWAP:
+                p = s.peer
+                if _peer_active(p) and p.state is State.SECOND and p.substatus is Sub.READY:
+                    return _swap_out(s, why)
+                continue  # no SECOND to swap with: ignored
+            cmd = Command.STOP if verdict is Verdict.STOP else Command.STOPSTART
+            return replace(_apply_command(s, cfg, cmd), reason=f"WAIT: {why}")
+    return None
+
+
+def _decide_wait(s: Snapshot, cfg: CoreConfig) -> Decision:
+    p = s.peer
+    if s.vip_held:
+        return _stay(s, "WAIT: releasing a VIP still held", (ReleaseVip(),), s.goal, Sub.TRANSIENT)
+    if _peer_active(p):
+        return _wait_with_peer(s, cfg)
+    if s.goal is Goal.RESUME:
+        return _wait_resume(s, cfg)
+    rel = _relation(s)
+    if _peer_out_cleanly(p) and _up_to_date_against(rel, s.generation):
+        return _enter_alone(
+            s,
+            "start",
+            Origin.FAILOVER,
+            f"ALONE: {cfg.peer} stopped cleanly and this node's data is at least as new",
+        )
+    return _stay(s, _lone_wait_reason(s))
+
+
+def _wait_resume(s: Snapshot, cfg: CoreConfig) -> Decision:
+    waited = s.now - s.since
+    if waited < cfg.heartbeat_timeout:
+        return _stay(
+            s,
+            f"WAIT: re-evaluating the peer ({waited:.1f} s of "
+            f"{cfg.heartbeat_timeout:g} s) before resuming as primary",
+            goal=Goal.RESUME,
+        )
+    if cfg.witness is not None and s.witness is not Witness.REACHABLE:
+        return _stay(
+            s,
+            f"WAIT: peer absent and {_witness_text(cfg)} does not answer: not resuming as primary",
+            goal=Goal.RESUME,
+        )
+    return _enter_alone(
+        s,
+        "start",
+        Origin.PRIMARY,
+        f"ALONE: peer still absent after {waited:.1f} s; resuming as primary",
+    )
+
+
+def _wait_with_peer(s: Snapshot, cfg: CoreConfig) -> Decision:
+    p = s.peer
+    rel = _relation(s)
+    keep = Goal.SWAP if s.goal is Goal.SWAP else Goal.NONE
+    if rel is None:
+        return _stay(s, "WAIT: peer seen, its data generation not known yet", goal=keep)
+    if p.state in _PRIMARY:
+        if p.substatus is Sub.TRANSIENT:
+            return _stay(s, f"WAIT: peer is starting as {p.state}", goal=keep)
+        if rel is Relation.UNKNOWN:
+            return _stay(s, "WAIT: neither copy can be trusted; run primforce on the one to keep")
+        quarantine = _quarantine_needed(s, rel, f"{cfg.peer} is primary")
+        return _enter_second(
+            s,
+            "start",
+            rel.full or quarantine is not None,
+            f"SECOND: {cfg.peer} is {p.state}; resynchronising ({rel.value})",
+            quarantine,
+        )
+    if p.substatus is Sub.TRANSIENT:
+        return _stay(s, f"WAIT: peer is {p.state} Transient (scripts running)", goal=keep)
+    if p.state is State.SECOND:
+        if s.goal is Goal.SWAP:
+            return _stay(s, "WAIT: swap: waiting for the peer to take over", goal=Goal.SWAP)
+        return _stay(s, "WAIT: peer is SECOND and takes over if its data allows")
+    # Both wait.
+    if rel.local_newer:
+        return _enter_alone(
+            s,
+            "start",
+            Origin.FAILOVER,
+            f"ALONE: both nodes wait; this node has the newer data ({rel.value})",
+        )
+    if rel.peer_newer:
+        return _stay(s, f"WAIT: {cfg.peer} has the newer data and becomes primary")
+    if rel is Relation.EQUAL:
+        if _winner_by_name(cfg):
+            return _enter_alone(
+                s,
+                "start",
+                Origin.FAILOVER,
+                "ALONE: both nodes wait with the same data; this node is chosen",
+            )
+        return _stay(s, f"WAIT: both nodes wait with the same data; {cfg.peer} is chosen")
+    if rel is Relation.DIVERGED:
+        return _stay(
+            s,
+            "WAIT: the two copies diverged (both wrote); run prim on the node whose "
+            "data you keep, the other keeps its changes in quarantine",
+        )
+    return _stay(
+        s,
+        "WAIT: first start (no data generation on either side): run prim on the "
+        "node with the good data",
+    )
+
+
+def _split_brain(s: Snapshot, cfg: CoreConfig) -> Decision:
+    """Both primary: one gives way (quarantine, full resync)."""
+    p = s.peer
+    rel = _relation(s)
+    assert p.generation is not None and rel is not None
+    if rel.local_newer:
+        win = True
+    elif rel.peer_newer:
+        win = False
+    else:
+        mine, theirs = origin_rank(s.generation.origin), origin_rank(p.generation.origin)
+        win = mine > theirs if mine != theirs else _winner_by_name(cfg)
+    if win:
+        return _stay(
+            s,
+            f"{s.state}: {cfg.peer} is also {p.state}; this node keeps primary "
+            f"({rel.value}), the peer gives way",
+        )
+    return _enter_second(
+        s,
+        "stopstart",
+        True,
+        f"SECOND: split brain, {cfg.peer} is also {p.state} and wins ({rel.value}); this "
+        "node's writes go to quarantine before a full resync",
+        f"split brain with {cfg.peer}",
+    )
+
+
+def _decide_prim(s: Snapshot, cfg: CoreConfig) -> Decision:
+    p = s.peer
+    if _peer_active(p):
+        if p.state in _PRIMARY:
+            return _split_brain(s, cfg)
+        if p.state is State.SECOND and p.substatus is Sub.READY:
+            if s.mirror in (Mirror.DROPPED, Mirror.DEGRADED):
+                return _go_alone_from_prim(s, f"the mirror {s.mirror}: {cfg.peer} dropped")
+            if p.request is PeerRequest.SWAP and s.substatus is Sub.READY:
+                return _swap_out(s, f"{cfg.peer} asks for a swap")
+            return _stay(s, f"PRIM: replicating to {cfg.peer}")
+        return _go_alone_from_prim(s, f"{cfg.peer} is {p.state} {p.substatus}")
+    if _peer_out_cleanly(p):
+        return _go_alone_from_prim(s, f"{cfg.peer} stopped cleanly")
+    lost = _lost_for(s)
+    if cfg.witness is None:
+        return _go_alone_from_prim(s, f"peer lost for {lost:.1f} s, no witness configured")
+    if s.witness is Witness.REACHABLE:
+        return _go_alone_from_prim(s, f"peer lost for {lost:.1f} s, {_witness_text(cfg)} answers")
+    if s.witness is Witness.UNKNOWN and lost < cfg.heartbeat_timeout + cfg.takeover_delay / 2:
+        return _stay(s, f"PRIM: peer lost for {lost:.1f} s; waiting for {_witness_text(cfg)}")
+    return _to_wait(
+        s,
+        "stopwait",
+        f"WAIT: peer lost for {lost:.1f} s and {_witness_text(cfg)} "
+        "does not answer: isolated, application stopped",
+    )
+
+
+def _go_alone_from_prim(s: Snapshot, why: str) -> Decision:
+    acts: tuple[Action, ...] = (
+        NewGeneration(Origin.PRIMARY),
+        _script(Script.TRANSITION, State.PRIM, State.ALONE, "peerlost"),
+    )
+    return Decision(State.ALONE, Sub.TRANSIENT, acts, f"ALONE: {why}; staying primary alone")
+
+
+def _decide_alone(s: Snapshot, cfg: CoreConfig) -> Decision:
+    p = s.peer
+    if not _peer_active(p):
+        return _stay(
+            s,
+            f"ALONE: {cfg.peer} {_peer_text(p)}; primary alone"
+            + (f", mirror {s.mirror}" if s.mirror is Mirror.DEGRADED else ""),
+        )
+    if p.state in _PRIMARY:
+        return _split_brain(s, cfg)
+    rel = _relation(s)
+    if p.state is State.SECOND and p.substatus is Sub.READY and rel is Relation.EQUAL:
+        acts: tuple[Action, ...] = (
+            MarkPeerSynced(),
+            _script(Script.TRANSITION, State.ALONE, State.PRIM, "peerback"),
+        )
+        return Decision(State.PRIM, Sub.TRANSIENT, acts, f"PRIM: {cfg.peer} is SECOND Ready")
+    if p.state is State.SECOND and p.substatus is Sub.TRANSIENT:
+        full = rel is None or rel.full
+        if s.resync in (Resync.NONE, Resync.FAILED):
+            return _stay(
+                s,
+                f"ALONE: resynchronising {cfg.peer}" + (" (full)" if full else ""),
+                (StartResync("source", full),),
+            )
+        return _stay(s, f"ALONE: {cfg.peer} resynchronising ({s.resync})")
+    return _stay(s, f"ALONE: {cfg.peer} is {p.state} {p.substatus}")
+
+
+def _decide_second(s: Snapshot, cfg: CoreConfig) -> Decision:
+    p = s.peer
+    active = _peer_active(p)
+    rel = _relation(s)
+    if s.substatus is Sub.TRANSIENT:
+        if not active or p.state not in _PRIMARY:
+            return _to_wait(
+                s,
+                "stopwait",
+                f"WAIT: resync interrupted, {cfg.peer} is "
+                f"{_peer_text(p)}; this copy is not up to date",
+            )
+        if s.resync is Resync.DONE and p.generation is not None:
+            acts: tuple[Action, ...] = (
+                MarkConsistent(p.generation),
+                _script(Script.START_BOTH, State.SECOND, State.SECOND, "start"),
+                _script(Script.START_SECOND, State.SECOND, State.SECOND, "start"),
+            )
+            return Decision(State.SECOND, Sub.READY, acts, f"SECOND: in sync with {cfg.peer}")
+        if s.resync in (Resync.NONE, Resync.FAILED):
+            full = rel is None or rel.full
+            return _stay(
+                s,
+                f"SECOND: (re)starting the resync from {cfg.peer}",
+                (StartReceiver(), StartResync("target", full)),
+            )
+        return _stay(s, f"SECOND: resynchronising from {cfg.peer}")
+    # SECOND Ready: this copy is up to date.
+    if active:
+        if p.state in _PRIMARY:
+            if rel is not None and rel.peer_newer:
+                return _enter_second(
+                    s,
+                    "resync",
+                    rel.full,
+                    f"SECOND: {cfg.peer} went {p.state} ({rel.value}); resynchronising",
+                )
+            if (
+                cfg.failback == cfg.node
+                and p.state is State.PRIM
+                and p.substatus is Sub.READY
+                and s.substatus is Sub.READY
+            ):
+                return _stay(
+                    s,
+                    f"SECOND: preferred primary; asking {cfg.peer} to swap",
+                    (SendToPeer(PeerRequest.SWAP),),
+                )
+            return _stay(s, f"SECOND: replicated from {cfg.peer}")
+        if p.substatus is Sub.TRANSIENT:
+            return _stay(s, f"SECOND: {cfg.peer} is {p.state} Transient; holding")
+        if p.state is State.SECOND:
+            return _to_wait(s, "stopwait", "WAIT: both nodes are SECOND; re-deciding")
+        # Peer WAIT, not running its application.
+        if p.request is PeerRequest.TAKE_OVER or cfg.failover:
+            return _failover(s, cfg, f"{cfg.peer} is {p.state}")
+        return _to_wait(
+            s,
+            "stopwait",
+            f"WAIT: {cfg.peer} is {p.state} and failover is off; run prim to start here",
+        )
+    if _peer_out_cleanly(p):
+        if cfg.failover:
+            return _failover(s, cfg, f"{cfg.peer} stopped cleanly")
+        return _to_wait(s, "stopwait", f"WAIT: {cfg.peer} stopped and failover is off")
+    lost = _lost_for(s)
+    if lost < cfg.heartbeat_timeout + cfg.takeover_delay:
+        return _stay(s, f"SECOND: {cfg.peer} silent for {lost:.1f} s")
+    if not cfg.failover:
+        return _to_wait(
+            s,
+            "stopwait",
+            f"WAIT: {cfg.peer} lost for {lost:.1f} s and failover is off; run prim to start here",
+        )
+    if cfg.witness is None:
+        return _failover(s, cfg, f"{cfg.peer} lost for {lost:.1f} s, no witness configured")
+    if s.witness is Witness.REACHABLE:
+        return _failover(s, cfg, f"{cfg.peer} lost for {lost:.1f} s, {_witness_text(cfg)} answers")
+    if s.witness is Witness.UNKNOWN:
+        return _stay(
+            s, f"SECOND: {cfg.peer} lost for {lost:.1f} s; waiting for {_witness_text(cfg)}"
+        )
+    return _to_wait(
+        s,
+        "stopwait",
+        f"WAIT: {cfg.peer} lost for {lost:.1f} s and "
+        f"{_witness_text(cfg)} does not answer: isolated",
+    )
+
+
+def _failover(s: Snapshot, cfg: CoreConfig, why: str) -> Decision:
+    rel = _relation(s)
+    if rel is not None and not _up_to_date_against(rel, s.generation):
+        return _to_wait(
+            s,
+            "stopwait",
+            f"WAIT: {why} but this copy is not up to date ({rel.value}); run prim if you are sure",
+        )
+    return _enter_alone(s, "failover", Origin.FAILOVER, f"ALONE: {why}; failover")
