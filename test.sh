@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(fuse3 libfuse3-3 iproute2 iputils-ping procps psmisc rsync keepalived vagrant
+APT_PACKAGES=(fuse3 libfuse3-3 iproute2 iputils-ping procps psmisc rsync keepalived vagrant nftables
               chromium chromium-driver postgresql postgresql-contrib sqlite3 python3 python3-venv)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -253,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(
         "demo-app", "the demo application: a tiny HTTP service over a data directory", cmd_demo_app
     )
-    sp.add_argument("--dir", required=True, help="data directory (a replicated directory)")
+    sp.add_argument(
+        "--dir", "--data", dest="dir", required=True, help="data directory (a replicated directory)"
+    )
     sp.add_argument("--port", type=int, default=8080)
     sp.add_argument("--bind", default="0.0.0.0")
     sp.add_argument("--node", default=os.uname().nodename)
@@ -265,6 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["guardian"]:
         return run_guardian(argv[1:])
+    if argv[:1] == ["lab"] and not {"-h", "--help"} & set(argv[1:2]):
+        from app.lab import main as lab_main
+
+        return int(lab_main(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
