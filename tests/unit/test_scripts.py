@@ -62,10 +62,17 @@ def run(coro: object) -> ScriptResult:
 
 
 @pytest.fixture
-def kill_leftovers() -> Iterator[list[int]]:
+def kill_leftovers(state_dir: Path) -> Iterator[list[int]]:
+    """Process groups to kill after the test, plus those of every *.pid file in state_dir."""
     pgids: list[int] = []
     yield pgids
-    for pgid in pgids:
+    for pid_file in state_dir.glob("*.pid"):
+        for word in pid_file.read_text().split():
+            try:
+                pgids.append(os.getpgid(int(word)))
+            except (ValueError, ProcessLookupError):
+                pass
+    for pgid in set(pgids):
         try:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
@@ -205,7 +212,11 @@ def test_background_app_is_tracked_and_forgotten(
 def test_daemon_keeping_output_open_does_not_hang(
     script_dir: Path, state_dir: Path, kill_leftovers: list[int]
 ) -> None:
-    write_script(script_dir, "start_second", "sleep 300 &\necho started")
+    write_script(
+        script_dir,
+        "start_second",
+        'sleep 300 &\necho $! > "$MIRRORHA_STATE_DIR/bg.pid"\necho started',
+    )
     runner = make_runner(script_dir, state_dir, timeout_s=60.0)
 
     async def scenario() -> ScriptResult:
