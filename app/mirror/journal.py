@@ -711,6 +711,7 @@ class DirtyJournal:
             self._quiesce_locked()
             rs = self._state.region_size
             self._state = _State(self._state.seq, new_base_generation, rs)
+            self._queue, self._durable = [], self._enqueued
             try:
                 self._compact_locked()
             except OSError as exc:
@@ -1003,19 +1004,5 @@ class _UnknownHandle(Exception):
         self.fh = fh
 
 
-def load(
-    state_dir: Path,
-    *,
-    resolver: Resolver | None = None,
-    max_regions_per_file: int = 65536,
-    max_paths: int = 1_000_000,
-    compact_bytes: int = 4 << 20,
-) -> DirtyJournal:
-    """Restore the journal kept in ``state_dir``; see ``DirtyJournal.load``."""
-    return DirtyJournal.load(
-        state_dir,
-        resolver=resolver,
-        max_regions_per_file=max_regions_per_file,
-        max_paths=max_paths,
-        compact_bytes=compact_bytes,
-    )
+#: ``load(state_dir, *, resolver=None, ...) -> DirtyJournal``: see ``DirtyJournal.load``.
+load = DirtyJournal.load

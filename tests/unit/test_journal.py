@@ -360,7 +360,7 @@ def test_a_failed_fsync_refuses_every_later_mark(
     def broken(fd: int) -> None:
         raise OSError(errno.EIO, "disk gone")
 
-    monkeypatch.setattr(jm.os, "fdatasync", broken)
+    monkeypatch.setattr(os, "fdatasync", broken)
     with pytest.raises(JournalWriteError, match="disk gone"):
         j.mark(Write(1, RS, b"x"))
     monkeypatch.undo()
