@@ -41,7 +41,8 @@ from app.cluster.guardian import GuardianClient, GuardianError, VipSpec
 state = Path(sys.argv[1])
 with_vip = sys.argv[2] == "vip"
 clean_stop_after = float(sys.argv[3])
-client = GuardianClient(state, deadline_s=1.0, kill_grace_s=1.0)
+fence = ["sh", "-c", 'echo "$MIRRORHA_FENCE_REASON" > "$0"', str(state / "fence-command-ran")]
+client = GuardianClient(state, deadline_s=1.0, kill_grace_s=1.0, fence_command=fence)
 client.start()
 app = subprocess.Popen(["sleep", "300"], start_new_session=True)
 vip = None
@@ -142,6 +143,7 @@ def test_daemon_killed_app_is_fenced(daemon: Daemon) -> None:
     report = json.loads((daemon.state / "guardian.fenced").read_text())
     assert report["done"] and "daemon is gone" in report["reason"]
     assert "FENCING" in (daemon.state / "guardian.log").read_text()
+    assert "daemon is gone" in (daemon.state / "fence-command-ran").read_text()
 
 
 def test_daemon_frozen_app_is_fenced_and_daemon_finds_out(daemon: Daemon) -> None:
@@ -166,6 +168,7 @@ def test_clean_stop_fences_nothing(daemon: Daemon) -> None:
     assert not alive(daemon.pids["guardian"])
     assert alive(daemon.pids["app"])  # the daemon left it running, the guardian did not touch it
     assert not (daemon.state / "guardian.fenced").exists()
+    assert not (daemon.state / "fence-command-ran").exists()
 
 
 def test_start_reports_a_guardian_that_cannot_start(tmp_path: Path) -> None:
