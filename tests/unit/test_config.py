@@ -77,28 +77,144 @@ def test_good_config_loads_with_defaults() -> None:
 
 # Each case: (what is broken, edit of GOOD, the key the message must name, a phrase of it)
 BROKEN = [
-    ("syntax error", lambda t: t.replace('name = "lab"', 'name = "lab'), "TOML syntax error", "line"),
-    ("missing key", lambda t: t.replace('admin = "198.18.1.2"\n', ""), "cluster.nodes[1].admin", "missing"),
-    ("unknown key", lambda t: t.replace("pulse_ms = 700", "pulse_ms = 700\npulse = 1"), "modules[0].pulse", "unknown key"),
-    ("wrong type", lambda t: t.replace("timeout_ms = 3000", 'timeout_ms = "3s"'), "modules[0].timeout_ms", "must be an integer"),
-    ("bad address", lambda t: t.replace('admin = "198.18.1.1"', 'admin = "198.18.1.300"'), "cluster.nodes[0].admin", "is not an IP address"),
-    ("VIP outside its network", lambda t: t.replace('address = "198.18.1.100"', 'address = "198.18.9.100"'), "modules[0].vip.address", "outside every heartbeat network"),
-    ("same node twice", lambda t: t.replace('name = "node2"', 'name = "node1"'), "cluster.nodes[1].name", "same node twice"),
-    ("relative directory", lambda t: t.replace('path = "/srv/other"', 'path = "srv/other"'), "modules[0].replicated[1].path", "relative"),
-    ("overlapping directories", lambda t: t.replace('path = "/srv/other"', 'path = "/srv/data/sub"'), "modules[0].replicated[1].path", "overlaps"),
-    ("timeout shorter than pulses", lambda t: t.replace("timeout_ms = 3000", "timeout_ms = 1000"), "modules[0].timeout_ms", "shorter than 3 pulses"),
-    ("short key", lambda t: t.replace('key = "0123456789abcdef0123456789abcdef"', 'key = "secret"'), "cluster.key", "at least 32"),
-    ("three nodes", lambda t: t.replace("[[cluster.networks]]", '[[cluster.nodes]]\nname = "node3"\nadmin = "198.18.1.3"\n\n[[cluster.networks]]', 1), "cluster.nodes", "exactly 2 nodes"),
-    ("network missing a node", lambda t: t.replace('addresses = { node1 = "198.18.2.1", node2 = "198.18.2.2" }', 'addresses = { node1 = "198.18.2.1" }'), "cluster.networks[1].addresses.node2", "missing"),
-    ("network names unknown node", lambda t: t.replace('node2 = "198.18.2.2"', 'node2 = "198.18.2.2", node9 = "198.18.2.9"'), "cluster.networks[1].addresses.node9", "not a node"),
-    ("bad port", lambda t: t.replace("pulse_ms = 700", "pulse_ms = 700\nheartbeat_port = 70000"), "modules[0].heartbeat_port", "not a port"),
-    ("bad prefix", lambda t: t.replace("prefix = 24", "prefix = 40"), "modules[0].vip.prefix", "not a prefix length"),
-    ("bad failback", lambda t: t.replace("pulse_ms = 700", 'pulse_ms = 700\nfailback = "node7"'), "modules[0].failback", "neither 'stay' nor a node"),
-    ("bad witness", lambda t: t.replace('witnesses = ["198.18.1.254"]', 'witnesses = ["router"]'), "modules[0].splitbrain.witnesses[0]", "not an IP address"),
-    ("root replicated", lambda t: t.replace('path = "/srv/other"', 'path = "/"'), "modules[0].replicated[1].path", "root directory"),
+    (
+        "syntax error",
+        lambda t: t.replace('name = "lab"', 'name = "lab'),
+        "TOML syntax error",
+        "line",
+    ),
+    (
+        "missing key",
+        lambda t: t.replace('admin = "198.18.1.2"\n', ""),
+        "cluster.nodes[1].admin",
+        "missing",
+    ),
+    (
+        "unknown key",
+        lambda t: t.replace("pulse_ms = 700", "pulse_ms = 700\npulse = 1"),
+        "modules[0].pulse",
+        "unknown key",
+    ),
+    (
+        "wrong type",
+        lambda t: t.replace("timeout_ms = 3000", 'timeout_ms = "3s"'),
+        "modules[0].timeout_ms",
+        "must be an integer",
+    ),
+    (
+        "bad address",
+        lambda t: t.replace('admin = "198.18.1.1"', 'admin = "198.18.1.300"'),
+        "cluster.nodes[0].admin",
+        "is not an IP address",
+    ),
+    (
+        "VIP outside its network",
+        lambda t: t.replace('address = "198.18.1.100"', 'address = "198.18.9.100"'),
+        "modules[0].vip.address",
+        "outside every heartbeat network",
+    ),
+    (
+        "same node twice",
+        lambda t: t.replace('name = "node2"', 'name = "node1"'),
+        "cluster.nodes[1].name",
+        "same node twice",
+    ),
+    (
+        "relative directory",
+        lambda t: t.replace('path = "/srv/other"', 'path = "srv/other"'),
+        "modules[0].replicated[1].path",
+        "relative",
+    ),
+    (
+        "overlapping directories",
+        lambda t: t.replace('path = "/srv/other"', 'path = "/srv/data/sub"'),
+        "modules[0].replicated[1].path",
+        "overlaps",
+    ),
+    (
+        "timeout shorter than pulses",
+        lambda t: t.replace("timeout_ms = 3000", "timeout_ms = 1000"),
+        "modules[0].timeout_ms",
+        "shorter than 3 pulses",
+    ),
+    (
+        "short key",
+        lambda t: t.replace('key = "0123456789abcdef0123456789abcdef"', 'key = "secret"'),
+        "cluster.key",
+        "at least 32",
+    ),
+    (
+        "three nodes",
+        lambda t: t.replace(
+            "[[cluster.networks]]",
+            '[[cluster.nodes]]\nname = "node3"\nadmin = "198.18.1.3"\n\n[[cluster.networks]]',
+            1,
+        ),
+        "cluster.nodes",
+        "exactly 2 nodes",
+    ),
+    (
+        "network missing a node",
+        lambda t: t.replace(
+            'addresses = { node1 = "198.18.2.1", node2 = "198.18.2.2" }',
+            'addresses = { node1 = "198.18.2.1" }',
+        ),
+        "cluster.networks[1].addresses.node2",
+        "missing",
+    ),
+    (
+        "network names unknown node",
+        lambda t: t.replace('node2 = "198.18.2.2"', 'node2 = "198.18.2.2", node9 = "198.18.2.9"'),
+        "cluster.networks[1].addresses.node9",
+        "not a node",
+    ),
+    (
+        "bad port",
+        lambda t: t.replace("pulse_ms = 700", "pulse_ms = 700\nheartbeat_port = 70000"),
+        "modules[0].heartbeat_port",
+        "not a port",
+    ),
+    (
+        "bad prefix",
+        lambda t: t.replace("prefix = 24", "prefix = 40"),
+        "modules[0].vip.prefix",
+        "not a prefix length",
+    ),
+    (
+        "bad failback",
+        lambda t: t.replace("pulse_ms = 700", 'pulse_ms = 700\nfailback = "node7"'),
+        "modules[0].failback",
+        "neither 'stay' nor a node",
+    ),
+    (
+        "bad witness",
+        lambda t: t.replace('witnesses = ["198.18.1.254"]', 'witnesses = ["router"]'),
+        "modules[0].splitbrain.witnesses[0]",
+        "not an IP address",
+    ),
+    (
+        "root replicated",
+        lambda t: t.replace('path = "/srv/other"', 'path = "/"'),
+        "modules[0].replicated[1].path",
+        "root directory",
+    ),
     ("no modules", lambda t: t[: t.index("[[modules]]")], "modules", "missing"),
-    ("bad checker action", lambda t: t + '\n[[modules.checkers]]\nname = "c"\nkind = "tcp"\ntarget = "127.0.0.1:80"\naction = "reboot"\n', "modules[0].checkers[0].action", "not one of"),
-    ("boolean for number", lambda t: t.replace("pulse_ms = 700", "pulse_ms = true"), "modules[0].pulse_ms", "must be an integer"),
+    (
+        "bad checker action",
+        lambda t: (
+            t
+            + '\n[[modules.checkers]]\nname = "c"\nkind = "tcp"\n'
+            + 'target = "127.0.0.1:80"\naction = "reboot"\n'
+        ),
+        "modules[0].checkers[0].action",
+        "not one of",
+    ),
+    (
+        "boolean for number",
+        lambda t: t.replace("pulse_ms = 700", "pulse_ms = true"),
+        "modules[0].pulse_ms",
+        "must be an integer",
+    ),
 ]
 
 
