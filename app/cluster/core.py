@@ -489,9 +489,17 @@ def _witness_text(cfg: CoreConfig) -> str:
 
 
 def _relation(s: Snapshot) -> Relation | None:
-    if s.peer.generation is None:
+    """Our data against the peer's. The ``primary`` crash marker counts only for a node that
+    is not running as primary right now (a live primary sets it on purpose)."""
+    p = s.peer
+    if p.generation is None:
         return None
-    return compare(s.generation, s.peer.generation)
+    local, peer = s.generation, p.generation
+    if s.state in _PRIMARY:
+        local = replace(local, primary=False)
+    if p.state in _PRIMARY:  # its latest heartbeat came from a live primary
+        peer = replace(peer, primary=False)
+    return compare(local, peer)
 
 
 def _winner_by_name(cfg: CoreConfig) -> bool:
@@ -618,7 +626,9 @@ def _apply_command(s: Snapshot, cfg: CoreConfig, cmd: Command) -> Decision:
                 _script(Script.STOP_SECOND, st, st, "restart"),
                 _script(Script.START_SECOND, st, st, "restart"),
             )
-        return Decision(st, Sub.TRANSIENT, acts, f"{st}: restarting the application")
+        # SECOND Transient means resynchronising: a SECOND keeps its sub-state here.
+        sub = s.substatus if st is State.SECOND else Sub.TRANSIENT
+        return Decision(st, sub, acts, f"{st}: restarting the application")
     if cmd is Command.SWAP:
         if st is State.SECOND:
             return _stay(
@@ -948,6 +958,11 @@ def _decide_prim(s: Snapshot, cfg: CoreConfig) -> Decision:
         return _go_alone_from_prim(s, f"{cfg.peer} is {p.state} {p.substatus}")
     if _peer_out_cleanly(p):
         return _go_alone_from_prim(s, f"{cfg.peer} stopped cleanly")
+    return _primary_lost_peer(s, cfg)
+
+
+def _primary_lost_peer(s: Snapshot, cfg: CoreConfig) -> Decision:
+    """A primary whose up-to-date SECOND went silent: stay alone if allowed, else wait."""
     lost = _lost_for(s)
     if cfg.witness is None:
         return _go_alone_from_prim(s, f"peer lost for {lost:.1f} s, no witness configured")
@@ -964,15 +979,20 @@ def _decide_prim(s: Snapshot, cfg: CoreConfig) -> Decision:
 
 
 def _go_alone_from_prim(s: Snapshot, why: str) -> Decision:
-    acts: tuple[Action, ...] = (
-        NewGeneration(Origin.PRIMARY),
-        _script(Script.TRANSITION, State.PRIM, State.ALONE, "peerlost"),
-    )
-    return Decision(State.ALONE, Sub.TRANSIENT, acts, f"ALONE: {why}; staying primary alone")
+    acts: list[Action] = [NewGeneration(Origin.PRIMARY)]
+    if s.state is not State.ALONE:
+        acts.append(_script(Script.TRANSITION, s.state, State.ALONE, "peerlost"))
+    return Decision(State.ALONE, Sub.TRANSIENT, tuple(acts), f"ALONE: {why}; staying primary alone")
 
 
 def _decide_alone(s: Snapshot, cfg: CoreConfig) -> Decision:
     p = s.peer
+    rel = _relation(s)
+    if not _peer_active(p) and not _peer_out_cleanly(p) and p.state is State.SECOND:
+        # The peer was a SECOND: it may have finished its resync and consider itself up to
+        # date (and take over), and our writes since then were replicated under the shared
+        # generation. Treat the loss as a PRIM does: new generation, witness rule.
+        return _primary_lost_peer(s, cfg)
     if not _peer_active(p):
         return _stay(
             s,
@@ -981,7 +1001,6 @@ def _decide_alone(s: Snapshot, cfg: CoreConfig) -> Decision:
         )
     if p.state in _PRIMARY:
         return _split_brain(s, cfg)
-    rel = _relation(s)
     if p.state is State.SECOND and p.substatus is Sub.READY and rel is Relation.EQUAL:
         acts: tuple[Action, ...] = (
             MarkPeerSynced(),
@@ -1025,8 +1044,9 @@ def _decide_second(s: Snapshot, cfg: CoreConfig) -> Decision:
                 s,
                 f"SECOND: (re)starting the resync from {cfg.peer}",
                 (StartReceiver(), StartResync("target", full)),
+                sub=Sub.TRANSIENT,
             )
-        return _stay(s, f"SECOND: resynchronising from {cfg.peer}")
+        return _stay(s, f"SECOND: resynchronising from {cfg.peer}", sub=Sub.TRANSIENT)
     # SECOND Ready: this copy is up to date.
     if active:
         if p.state in _PRIMARY:
