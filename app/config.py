@@ -440,8 +440,8 @@ def _module(
     _port(r, f"{key}.replication_port", repl_port)
     if hb_port is not None and hb_port == repl_port:
         r.fail(f"{key}.replication_port", f"{repl_port} is the heartbeat port too")
-    pulse = r.get(t, key, "pulse_ms", int, 700)
-    timeout = r.get(t, key, "timeout_ms", int, 3000)
+    pulse = r.get(t, key, "pulse_ms", int, 300)
+    timeout = r.get(t, key, "timeout_ms", int, 1500)
     repl_timeout = r.get(t, key, "replication_timeout_ms", int, 5000)
     r.check(
         f"{key}.pulse_ms",
