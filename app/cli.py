@@ -168,6 +168,16 @@ def cmd_demo_app(args: argparse.Namespace) -> int:
     return int(run_demo_app(args))
 
 
+def cmd_demo_app_ready(args: argparse.Namespace) -> int:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", args.port), timeout=0.5).close()
+    except OSError:
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mirrorha",
@@ -248,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("demo", "build the lab, start two nodes and the demo application (root)", cmd_demo)
     sp.add_argument("--fast", action="store_true", help="use the fastest supported timing")
+    sp.add_argument("--minutes", type=float, default=480, help="tear down after this long (480)")
     sp.add_argument("--prefix", default="mh-", help="name prefix of the lab's namespaces")
 
     sp = add(
@@ -260,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bind", default="0.0.0.0")
     sp.add_argument("--node", default=os.uname().nodename)
 
+    sp = add(
+        "demo-app-ready", "exit 0 when the demo application answers on its port", cmd_demo_app_ready
+    )
+    sp.add_argument("--port", type=int, default=8080)
     return p
 
 
