@@ -356,8 +356,9 @@ class LabCluster:
             time.sleep(every)
 
     def wait_state(
-        self, node: str, state: str, timeout: float = 30, sub: str = "Ready"
+        self, node: str, state: str, timeout: float = 30, sub: str = "Ready", reason_has: str = ""
     ) -> dict[str, Any]:
+        """Wait until ``node`` is ``state`` ``sub`` (and its reason contains ``reason_has``)."""
         seen: dict[str, Any] = {}
 
         def ok() -> bool:
@@ -365,9 +366,12 @@ class LabCluster:
             if st is None:
                 return False
             seen.update(st)
-            return bool(st["state"] == state and (sub is None or st["substatus"] == sub))
+            return bool(
+                st["state"] == state and st["substatus"] == sub and reason_has in st["reason"]
+            )
 
-        self.wait_for(ok, timeout, f"{node} {state} {sub}")
+        what = f"{node} {state} {sub}" + (f" saying {reason_has!r}" if reason_has else "")
+        self.wait_for(ok, timeout, what)
         return seen
 
     def first_start(self, timeout: float = 30) -> None:
@@ -375,7 +379,7 @@ class LabCluster:
         for node in NODES:
             self.start_node(node)
         for node in NODES:
-            self.wait_state(node, "WAIT", timeout, sub="NotReady")
+            self.wait_state(node, "WAIT", timeout, sub="NotReady", reason_has="run prim")
         self.command_on("node1", "prim")
         self.wait_state("node1", "PRIM", timeout)
         self.wait_state("node2", "SECOND", timeout)
