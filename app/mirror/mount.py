@@ -139,8 +139,9 @@ def _detach(path: bytes) -> None:
 
 
 def _is_dead(path: bytes) -> bool:
+    """statfs always reaches the daemon (stat may be answered from the kernel's cache)."""
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as exc:
         return exc.errno in _DEAD
     return False
