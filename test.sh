@@ -7,22 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(fuse3 libfuse3-3 iproute2 iputils-ping procps psmisc rsync keepalived vagrant nftables
-              chromium chromium-driver postgresql postgresql-contrib sqlite3 python3 python3-venv)
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" -ne 0 ]; then
-        echo "test.sh: missing packages ${missing[*]}; run as root or install them" >&2
-        exit 1
-    fi
-    echo "test.sh: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+tools/apt-deps.sh test
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
