@@ -44,8 +44,13 @@ Errors (the only way out of an operation is ``OSError(errno)``):
     ALONE): the application never sees a peer error, so no errno is reserved for it.
 
 Known limits
-    - Hard links: each name is its own kernel inode, so attributes and cached pages seen
-      through one name can lag changes made through another by up to ``attr_timeout``.
+    - Hard links: each name is its own kernel inode, so attributes seen through one name
+      (st_nlink after unlinking another name, size) can lag by up to ``attr_timeout`` (1 s).
+    - fstat() of a file unlinked while open fails with ESTALE once its cached attributes
+      expire: the kernel sends no handle with GETATTR and libfuse's high-level API has no
+      path for it (``hard_remove``). read/write/ftruncate/fsync on the handle keep working.
+    - Directory and symlink mtimes are not replicated: each side has the time it made the
+      change (regular files get their times replicated when the handle is released).
     - A change made through a handle whose file was unlinked (fchmod, fchown, futimens on a
       nameless file) is made locally only: no op can name the file on the peer.
     - A write that fails half way (ENOSPC) leaves the written part locally, not on the peer.
@@ -490,6 +495,9 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         sync = os.fdatasync if datasync else os.fsync
         if handle.writable:
             op = ops.Fsync(fh, b"", bool(datasync))
+        elif path is None:  # read-only handle of an unlinked file: nothing to sync on the peer
+            sync(handle.fd)
+            return 0
         else:
             op = ops.Fsync(-1, _rel(path), bool(datasync))
         self._replicator.apply(op, lambda: sync(handle.fd))

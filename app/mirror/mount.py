@@ -24,6 +24,10 @@ Known limits
     - libfuse's fuse_main installs its exit handler on SIGHUP/SIGTERM/SIGINT while they are
       SIG_DFL: the daemon must install its own handlers before ``start()``.
     - Needs root (or user_allow_other in /etc/fuse.conf) for allow_other.
+    - The daemon's own process must not mmap files of its mount: a page fault taken while
+      holding the GIL waits for a FUSE thread that needs the GIL (deadlock). Plain syscalls
+      release the GIL and are fine (the tests run through the mount in-process this way).
+    - libfuse 3.14 prints "Ignoring invalid max threads value" on each mount (harmless).
 """
 
 from __future__ import annotations
