@@ -8,6 +8,7 @@ what is checked is who is primary, who holds the VIP and who answers on it.
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from collections.abc import Iterator
 
@@ -50,6 +51,21 @@ def test_first_start_then_prim_makes_node1_primary(cluster: LabCluster) -> None:
     assert cluster.vip_holders() == {"node1"}
     got = cluster.client_get()
     assert got is not None and got["node"] == "node1"
+    # The health probe a cloud load balancer polls: 200 on the Ready primary only.
+    assert health_status(cluster, "198.18.1.1") == 200
+    assert health_status(cluster, "198.18.1.2") == 503
+
+
+def health_status(cluster: LabCluster, admin: str) -> int:
+    code = (
+        "import sys, urllib.request, urllib.error\n"
+        "try:\n"
+        f"    print(urllib.request.urlopen('http://{admin}:9453/health', timeout=5).status)\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print(e.code)\n"
+    )
+    r = cluster.lab.run("client", [sys.executable, "-c", code], timeout=20)
+    return int(r.stdout.strip())
 
 
 def test_kill_primary_fails_over_and_it_rejoins_as_second(cluster: LabCluster) -> None:
