@@ -191,7 +191,7 @@ class Receiver:
                     written = os.pwrite(fd, view, offset)
                     view, offset = view[written:], offset + written
             case ops.Truncate(fh=fh, path=path, length=length):
-                if fh >= 0:
+                if fh != -1:
                     os.ftruncate(self._fd(fh), length)
                 else:
                     with self._parent(path) as (parent, name):
@@ -207,7 +207,7 @@ class Receiver:
                 _check(_fallocate(fd, mode, offset, length))
             case ops.Fsync(fh=fh, path=path, datasync=datasync):
                 sync = os.fdatasync if datasync else os.fsync
-                if fh >= 0:
+                if fh != -1:
                     sync(self._fd(fh))
                 elif path == b"":
                     sync(self._root)

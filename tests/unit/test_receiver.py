@@ -380,6 +380,8 @@ def test_xattr_on_a_symlink_is_not_written_through(jail: tuple[Path, Path]) -> N
         (ops.Open(1, b"x/below-a-file"), errno.ENOTDIR),
         (ops.Write(9, 0, b"x"), errno.EBADF),
         (ops.Release(9), errno.EBADF),
+        (ops.Truncate(-2, b"x", 0), errno.EBADF),  # only -1 means "by path"
+        (ops.Fsync(-2, b"x", False), errno.EBADF),
         (ops.SetXattr(b"x", b"user.x", b"1", 8), errno.EINVAL),
     ],
     ids=repr,
@@ -435,3 +437,22 @@ def test_release_all_drops_handles_but_keeps_the_root(tmp_path: Path) -> None:
         rx.apply(ops.Open(1, b"f"))
         rx.apply(ops.Write(1, 0, b"again"))
     assert (tmp_path / "f").read_bytes() == b"again"
+
+
+def test_falls_back_to_the_walk_when_openat2_is_missing(
+    jail: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.mirror.receiver as receiver_module
+
+    def no_openat2(dirfd: int, path: bytes) -> int:
+        raise OSError(errno.ENOSYS, "openat2 is not implemented")
+
+    monkeypatch.setattr(receiver_module, "_openat2_beneath", no_openat2)
+    root, outside = jail
+    before = snapshot(outside)
+    with Receiver(root) as rx:
+        rx.apply(ops.Mkdir(b"dir/sub", 0o755, -1, -1))
+        with pytest.raises(PathEscape):
+            rx.apply(ops.Mkdir(b"evil/sub/new", 0o755, -1, -1))
+    assert (root / "dir" / "sub").is_dir()
+    assert snapshot(outside) == before
