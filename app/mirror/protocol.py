@@ -8,7 +8,8 @@ Frame (all integers big-endian)::
 
     u32 length   bytes after this field: 1 + 8 + len(payload), at most MAX_FRAME
     u8  type     HELLO 0x01, HELLO_AUTH 0x02, REQUEST 0x10, ACK 0x11, NACK 0x12,
-                 PING 0x20, PONG 0x21; 0x30-0x3f are reserved for resync frames
+                 PING 0x20, PONG 0x21; RESYNC_QUERY 0x30, RESYNC_REPLY 0x31,
+                 RESYNC_DONE 0x32 (0x33-0x3f stay reserved for resync frames)
     u64 id       request id (Request/Ack/Nack, Ping/Pong); 0 in the handshake
     payload      per type; a REQUEST payload is a u8 op code followed by the op's fields
 
@@ -23,6 +24,12 @@ a ``ProtocolError``/``AuthError``: a host without the key gets nothing applied.
 Only the PRIMARY sends Requests and only the SECONDARY answers them (Ack/Nack). Ids are
 tracked: a duplicate in-flight id or an answer to an id nobody asked is a ProtocolError.
 Ping/Pong go either way.
+
+Resync frames (reintegration, see resync.py): only the PRIMARY (the resync source) sends
+``ResyncQuery`` (u8 kind, u16 path length, path, u64 offset, u32 count) and ``ResyncDone``
+(empty); only the SECONDARY answers them with ``ResyncReply`` (u32 status: 0 or an errno,
+then an opaque body of at most MAX_DATA bytes that resync.py decodes and validates). They
+share the id space and tracking rules of Requests and need an authenticated connection.
 
 Decoding validates everything it can without the filesystem: lengths, ranges, bools, paths
 (relative, no NUL, no empty/"."/".." components, at most MAX_PATH bytes and NAME_MAX per
@@ -126,7 +133,46 @@ class ConnectionClosed:
     """The peer closed the stream cleanly (at a frame boundary)."""
 
 
-Event = Hello | HelloAuth | Request | Ack | Nack | Ping | Pong | ConnectionClosed
+@dataclass(frozen=True, slots=True)
+class ResyncQuery:
+    """The resync source asks the target something (``kind``: see resync.py's QUERY_*)."""
+
+    id: int
+    kind: int
+    path: bytes
+    offset: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncReply:
+    """The target's answer to a ResyncQuery or ResyncDone: ``status`` 0 or an errno."""
+
+    id: int
+    status: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncDone:
+    """The source finished the resync: the target now holds the source's data."""
+
+    id: int
+
+
+Event = (
+    Hello
+    | HelloAuth
+    | Request
+    | Ack
+    | Nack
+    | Ping
+    | Pong
+    | ResyncQuery
+    | ResyncReply
+    | ResyncDone
+    | ConnectionClosed
+)
 
 HELLO: Final = 0x01
 HELLO_AUTH: Final = 0x02
@@ -135,6 +181,11 @@ ACK: Final = 0x11
 NACK: Final = 0x12
 PING: Final = 0x20
 PONG: Final = 0x21
+RESYNC_QUERY: Final = 0x30
+RESYNC_REPLY: Final = 0x31
+RESYNC_DONE: Final = 0x32
+_RESYNC_QUERY_HEAD: Final = struct.Struct(">BH")
+_RESYNC_QUERY_TAIL: Final = struct.Struct(">QI")
 
 
 # ---------------------------------------------------------------------------- validation
@@ -462,6 +513,29 @@ def encode_event(event: Event) -> bytes:
             return _frame(PING, ident)
         case Pong(id=ident):
             return _frame(PONG, ident)
+        case ResyncQuery(id=ident, kind=kind, path=path, offset=offset, count=count):
+            if type(kind) is not int or not 0 <= kind <= 255:
+                raise ProtocolError(f"ResyncQuery kind {kind!r} is not a u8")
+            if (problem := path_problem(path)) is not None:
+                raise ProtocolError(f"ResyncQuery path: {problem}")
+            if type(offset) is not int or not 0 <= offset <= _I64_MAX:
+                raise ProtocolError(f"ResyncQuery offset {offset!r} out of range")
+            if type(count) is not int or not 0 <= count <= _U32_MAX:
+                raise ProtocolError(f"ResyncQuery count {count!r} out of range")
+            payload = (
+                _RESYNC_QUERY_HEAD.pack(kind, len(path))
+                + path
+                + _RESYNC_QUERY_TAIL.pack(offset, count)
+            )
+            return _frame(RESYNC_QUERY, ident, payload)
+        case ResyncReply(id=ident, status=status, body=body):
+            if type(status) is not int or not 0 <= status <= _U32_MAX:
+                raise ProtocolError(f"ResyncReply status {status!r} is not a u32")
+            if not isinstance(body, bytes) or len(body) > MAX_DATA:
+                raise ProtocolError(f"ResyncReply body must be bytes of at most {MAX_DATA}")
+            return _frame(RESYNC_REPLY, ident, _U32.pack(status) + body)
+        case ResyncDone(id=ident):
+            return _frame(RESYNC_DONE, ident)
         case ConnectionClosed():
             raise ProtocolError("ConnectionClosed is not sent: close the socket instead")
     raise ProtocolError(f"not an event: {type(event).__name__}")
@@ -487,7 +561,28 @@ def decode_frame(kind: int, ident: int, payload: bytes) -> Event:
         if err == 0 or len(message.encode()) > MAX_MESSAGE:
             raise ProtocolError("malformed Nack")
         return Nack(ident, err, message)
-    simple: dict[int, type[Ack | Ping | Pong]] = {ACK: Ack, PING: Ping, PONG: Pong}
+    if kind == RESYNC_QUERY:
+        r = _Reader(payload)
+        qkind, plen = _RESYNC_QUERY_HEAD.unpack(r.take(_RESYNC_QUERY_HEAD.size))
+        path = r.take(plen)
+        offset, count = _RESYNC_QUERY_TAIL.unpack(r.take(_RESYNC_QUERY_TAIL.size))
+        r.end()
+        if (problem := path_problem(path)) is not None:
+            raise ProtocolError(f"ResyncQuery path: {problem}")
+        if offset > _I64_MAX:
+            raise ProtocolError("ResyncQuery offset out of range")
+        return ResyncQuery(ident, qkind, path, offset, count)
+    if kind == RESYNC_REPLY:
+        if len(payload) < 4:
+            raise ProtocolError("malformed ResyncReply")
+        (status,) = _U32.unpack_from(payload)
+        return ResyncReply(ident, status, payload[4:])
+    simple: dict[int, type[Ack | Ping | Pong | ResyncDone]] = {
+        ACK: Ack,
+        PING: Ping,
+        PONG: Pong,
+        RESYNC_DONE: ResyncDone,
+    }
     cls = simple.get(kind)
     if cls is None:
         raise ProtocolError(f"unknown frame type 0x{kind:02x}")
@@ -538,6 +633,9 @@ class Connection:
         # (is_ping, id) of what we sent and await an answer for / received and must answer
         self._out_pending: set[tuple[bool, int]] = set()
         self._in_pending: set[tuple[bool, int]] = set()
+        # ids of resync queries/dones we sent (primary) / received (secondary), unanswered
+        self._q_out: set[int] = set()
+        self._q_in: set[int] = set()
 
     # -- state ----------------------------------------------------------------------
 
@@ -646,6 +744,18 @@ class Connection:
                 if key not in self._out_pending:
                     raise ProtocolError(f"{type(event).__name__} for unknown id {ident}")
                 self._out_pending.discard(key)
+            case ResyncQuery(id=ident) | ResyncDone(id=ident):
+                self._require_auth(event)
+                if self.role is not Role.SECONDARY:
+                    raise ProtocolError(f"the secondary sent a {type(event).__name__}")
+                if ident in self._q_in:
+                    raise ProtocolError(f"resync id {ident} is already in flight")
+                self._q_in.add(ident)
+            case ResyncReply(id=ident):
+                self._require_auth(event)
+                if ident not in self._q_out:
+                    raise ProtocolError(f"ResyncReply for unknown id {ident}")
+                self._q_out.discard(ident)
 
     def _receive_hello(self, hello: Hello) -> None:
         if self._peer_hello is not None:
@@ -699,4 +809,16 @@ class Connection:
                 if key not in self._in_pending:
                     raise ProtocolError(f"{type(event).__name__} for an id never received")
                 self._in_pending.discard(key)
+            case ResyncQuery(id=ident) | ResyncDone(id=ident):
+                self._require_auth(event)
+                if self.role is not Role.PRIMARY:
+                    raise ProtocolError("only the primary sends resync queries")
+                if ident in self._q_out:
+                    raise ProtocolError(f"resync id {ident} is already in flight")
+                self._q_out.add(ident)
+            case ResyncReply(id=ident):
+                self._require_auth(event)
+                if ident not in self._q_in:
+                    raise ProtocolError("ResyncReply for an id never received")
+                self._q_in.discard(ident)
         return data
