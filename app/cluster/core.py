@@ -3,6 +3,10 @@
 Rule 1: everything that affects state transitions lives here. The node daemon builds a frozen
 ``Snapshot`` every tick (the time is a number in it), calls ``decide(snapshot, config)`` and runs
 the returned ``Decision.actions`` in order through its adapters. ``decide`` reads nothing else.
+The words it decides with are plain data defined next door and re-exported from here (import
+them from ``app.cluster.core`` as before): the enums (State, Sub, Command, PeerRequest, Witness,
+Resync, Mirror, Verdict, Goal, Script) in vocabulary.py, Snapshot/Peer/Checker/CoreConfig in
+snapshot.py, the actions, Outcome and Decision in actions.py. None of them holds a rule.
 
 States and sub-states (the reference product's words)
     STOP -> WAIT -> ALONE | PRIM | SECOND, each NotReady / Transient / Ready. Entering a state
@@ -58,12 +62,55 @@ Known limits
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import replace
 
+from app.cluster.actions import (
+    Action,
+    ClaimVip,
+    Decision,
+    MarkConsistent,
+    MarkInconsistent,
+    MarkPeerSynced,
+    MarkPrimary,
+    NewGeneration,
+    Outcome,
+    Quarantine,
+    ReleaseVip,
+    RunScript,
+    SendToPeer,
+    StartMirrorPrimary,
+    StartReceiver,
+    StartResync,
+    StopMirror,
+)
 from app.cluster.errors import ClusterError
 from app.cluster.generation import Generation, Origin, Relation, compare, origin_rank
+from app.cluster.snapshot import Checker, CoreConfig, Peer, Snapshot
+from app.cluster.vocabulary import (
+    Command,
+    Goal,
+    Mirror,
+    PeerRequest,
+    Resync,
+    Script,
+    State,
+    Sub,
+    Verdict,
+    Witness,
+)
+
+# Re-exported: the rules' names are defined here; the others in vocabulary.py, snapshot.py
+# and actions.py (see the module docstring).
+# fmt: off
+__all__ = [
+    "Action", "Checker", "ClaimVip", "Command", "CoreConfig", "CoreError", "Decision", "Goal",
+    "IllegalCommand", "MarkConsistent", "MarkInconsistent", "MarkPeerSynced", "MarkPrimary",
+    "Mirror", "NewGeneration", "Outcome", "Peer", "PeerRequest", "Quarantine", "ReleaseVip",
+    "Resync", "RunScript", "Script", "SendToPeer", "Snapshot", "StartMirrorPrimary",
+    "StartReceiver", "StartResync", "State", "StopMirror", "Sub", "Verdict", "Witness",
+    "check_command", "decide",
+]
+# fmt: on
 
 
 class CoreError(ClusterError):
@@ -72,300 +119,6 @@ class CoreError(ClusterError):
 
 class IllegalCommand(CoreError):
     """An admin command that is refused here and now; the message says why."""
-
-
-# ------------------------------------------------------------------ vocabulary
-
-
-class State(enum.StrEnum):
-    STOP = "STOP"
-    WAIT = "WAIT"
-    ALONE = "ALONE"
-    PRIM = "PRIM"
-    SECOND = "SECOND"
-
-
-class Sub(enum.StrEnum):
-    NOT_READY = "NotReady"
-    TRANSIENT = "Transient"
-    READY = "Ready"
-
-
-class Command(enum.StrEnum):
-    START = "start"
-    STOP = "stop"
-    FORCESTOP = "forcestop"
-    RESTART = "restart"
-    STOPSTART = "stopstart"
-    SWAP = "swap"
-    PRIM = "prim"
-    PRIMFORCE = "primforce"
-    SECOND = "second"
-    SECOND_FULLSYNC = "second_fullsync"
-
-
-class PeerRequest(enum.StrEnum):
-    """Peer-to-peer coordination carried by the heartbeat's ``command`` field."""
-
-    SWAP = "swap"  # sent by a SECOND Ready: please hand PRIM over to me
-    TAKE_OVER = "take_over"  # sent by a primary that stopped its application for a swap
-
-
-class Witness(enum.StrEnum):
-    REACHABLE = "reachable"
-    UNREACHABLE = "unreachable"
-    UNKNOWN = "unknown"  # no answer yet
-
-
-class Resync(enum.StrEnum):
-    NONE = "none"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class Mirror(enum.StrEnum):
-    OFF = "off"
-    CONNECTED = "connected"
-    DROPPED = "dropped"  # the primary dropped a secondary that did not acknowledge in time
-    DEGRADED = "degraded"  # replication itself fails on the primary
-
-
-class Verdict(enum.StrEnum):
-    RESTART = "restart"
-    STOPSTART = "stopstart"
-    WAIT = "wait"
-    SWAP = "swap"
-    STOP = "stop"
-
-
-class Goal(enum.StrEnum):
-    """What a multi-tick move is heading for (echoed back by the executor)."""
-
-    NONE = "none"
-    STOP = "stop"  # WAIT on the way to STOP
-    STOPSTART = "stopstart"  # stop, then start again
-    SWAP = "swap"  # this primary stopped for a swap; wait for the peer to take over
-    RESUME = "resume"  # a primary paused (freeze, checker wait): may resume alone
-    FAILED = "failed"  # a critical action failed: WAIT on the way to STOP
-
-
-# ------------------------------------------------------------------ snapshot
-
-
-@dataclass(frozen=True, slots=True)
-class Peer:
-    """What this node knows of the peer."""
-
-    seen: bool = False  # a valid heartbeat within the heartbeat timeout
-    state: State | None = None  # from its latest heartbeat
-    substatus: Sub | None = None
-    generation: Generation | None = None
-    stopping: bool = False  # its latest heartbeat announced a clean stop (app and VIP down)
-    last_seen: float | None = None  # time of its latest valid heartbeat (our clock)
-    request: PeerRequest | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Checker:
-    name: str
-    verdict: Verdict
-    detail: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How the previous tick's actions went."""
-
-    ok: bool
-    failed: Action | None = None  # the first action that failed
-    detail: str = ""
-    timed_out: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    now: float
-    state: State
-    substatus: Sub
-    since: float  # when the current state was entered
-    generation: Generation
-    peer: Peer = field(default_factory=Peer)
-    command: Command | None = None  # pending admin command
-    goal: Goal = Goal.NONE  # previous Decision.goal
-    witness: Witness = Witness.UNKNOWN
-    resync: Resync = Resync.NONE  # the resync this node takes part in
-    mirror: Mirror = Mirror.OFF
-    vip_held: bool = False
-    last: Outcome | None = None
-    last_tick: float | None = None  # when the previous tick finished
-    checkers: tuple[Checker, ...] = ()
-    generation_problem: str | None = None  # generation file unusable: running as unknown
-
-
-@dataclass(frozen=True, slots=True)
-class CoreConfig:
-    node: str
-    peer: str
-    heartbeat_timeout: float
-    takeover_delay: float = 2.0  # extra silence a SECOND waits before taking over
-    failover: bool = True
-    failback: str = "stay"  # "stay" or the name of the preferred primary
-    witness: str | None = None  # witness address(es) for reasons; None: not configured
-
-
-# ------------------------------------------------------------------ actions
-
-
-class Script(enum.StrEnum):
-    PRESTART = "prestart"
-    START_PRIM = "start_prim"
-    STOP_PRIM = "stop_prim"
-    START_SECOND = "start_second"
-    STOP_SECOND = "stop_second"
-    START_BOTH = "start_both"
-    STOP_BOTH = "stop_both"
-    POSTSTOP = "poststop"
-    TRANSITION = "transition"
-
-
-_START_SCRIPTS = {Script.PRESTART, Script.START_PRIM, Script.START_SECOND, Script.START_BOTH}
-_STOP_SCRIPTS = {Script.STOP_PRIM, Script.STOP_SECOND, Script.STOP_BOTH}
-
-
-@dataclass(frozen=True, slots=True)
-class RunScript:
-    """``name CURRENT NEXT ACTION``; stop scripts: graceful then forced (forced only if force)."""
-
-    name: Script
-    current: State
-    next: State
-    action: str
-    force: bool = False
-
-    @property
-    def critical(self) -> bool:
-        return self.name in _START_SCRIPTS
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimVip:
-    critical = True
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseVip:
-    critical = True
-
-
-@dataclass(frozen=True, slots=True)
-class StartMirrorPrimary:
-    """Serve the replicated directories through the mount and replicate to the peer."""
-
-    critical = True
-
-
-@dataclass(frozen=True, slots=True)
-class StopMirror:
-    """Stop whichever side runs: the primary's mount or the SECOND's receiver."""
-
-    critical = False
-
-
-@dataclass(frozen=True, slots=True)
-class StartReceiver:
-    """SECOND side: accept the primary's operations and resync."""
-
-    critical = True
-
-
-@dataclass(frozen=True, slots=True)
-class StartResync:
-    """Take part in a resync; the pair copies everything if either side asks ``full``."""
-
-    role: Literal["source", "target"]
-    full: bool
-    critical = True
-
-
-@dataclass(frozen=True, slots=True)
-class NewGeneration:
-    """Start a new data generation (before the application writes as ALONE)."""
-
-    origin: Origin
-    critical = True
-
-
-@dataclass(frozen=True, slots=True)
-class MarkInconsistent:
-    critical = True
-
-
-@dataclass(frozen=True, slots=True)
-class MarkConsistent:
-    """The resync finished: adopt ``source`` (the peer's generation)."""
-
-    source: Generation
-    critical = True
-
-
-@dataclass(frozen=True, slots=True)
-class MarkPeerSynced:
-    """The peer holds our current generation: the journal base is no longer needed."""
-
-    critical = False
-
-
-@dataclass(frozen=True, slots=True)
-class MarkPrimary:
-    """Persist the crash marker: set before the application starts as primary."""
-
-    primary: bool
-
-    @property
-    def critical(self) -> bool:
-        return self.primary
-
-
-@dataclass(frozen=True, slots=True)
-class Quarantine:
-    """Keep what this node wrote since the common generation in a dated folder, with a report."""
-
-    reason: str
-    critical = True
-
-
-@dataclass(frozen=True, slots=True)
-class SendToPeer:
-    request: PeerRequest
-    critical = False
-
-
-Action = (
-    RunScript
-    | ClaimVip
-    | ReleaseVip
-    | StartMirrorPrimary
-    | StopMirror
-    | StartReceiver
-    | StartResync
-    | NewGeneration
-    | MarkInconsistent
-    | MarkConsistent
-    | MarkPeerSynced
-    | MarkPrimary
-    | Quarantine
-    | SendToPeer
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    new_state: State
-    substatus: Sub
-    actions: tuple[Action, ...]
-    reason: str
-    goal: Goal = Goal.NONE
 
 
 # ------------------------------------------------------------------ helpers
