@@ -17,7 +17,9 @@ before) ``mark`` returns without any I/O. Otherwise it appends records to ``dirt
 fdatasyncs; concurrent callers share one fsync (group commit). A crash between ``mark`` and the
 write leaves an extra dirty region, never a missing one.
 
-Records are replayed on load by the same pure ``_State.apply`` that maintains the memory state.
+Records are replayed on load by the same pure ``State.apply`` that maintains the memory state
+(the record format and that state are in journal_state.py; this module holds the files, the
+locking and the translation of operations into records).
 Renames move the entries of the old path (and of everything below it) to the new path; Unlink
 and Rmdir drop them. Open handles are followed through Open/Create/Rename/Unlink/Release, so a
 Write names the file by its handle and lands under the file's current path; a handle the
@@ -73,24 +75,19 @@ Corruption inside the files is not an exception: the journal loads untrusted.
 from __future__ import annotations
 
 import os
-import struct
 import threading
-import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final
 
+from app.mirror import journal_state as js
 from app.mirror import ops
 from app.mirror.errors import MirrorError
+from app.mirror.journal_state import RENAME_EXCHANGE, TO_EOF
 
 SNAPSHOT_NAME: Final = "dirty.snapshot"
 LOG_NAME: Final = "dirty.log"
 DEFAULT_REGION_SIZE: Final = 1 << 20
-#: Length of a range that runs to the end of the file (clip every range to the file's length).
-TO_EOF: Final = 1 << 62
-
-RENAME_EXCHANGE: Final = 2
 FALLOC_FL_KEEP_SIZE: Final = 0x01
 FALLOC_FL_PUNCH_HOLE: Final = 0x02
 FALLOC_FL_COLLAPSE_RANGE: Final = 0x08
@@ -98,7 +95,21 @@ FALLOC_FL_ZERO_RANGE: Final = 0x10
 FALLOC_FL_INSERT_RANGE: Final = 0x20
 
 Resolver = Callable[[int], bytes | None]
-V = TypeVar("V")
+
+__all__ = [
+    "DEFAULT_REGION_SIZE",
+    "LOG_NAME",
+    "SNAPSHOT_NAME",
+    "TO_EOF",
+    "DirtyJournal",
+    "JournalClosed",
+    "JournalCorrupt",
+    "JournalError",
+    "JournalNotFound",
+    "JournalWriteError",
+    "Resolver",
+    "load",
+]
 
 
 class JournalError(MirrorError):
@@ -119,393 +130,6 @@ class JournalWriteError(JournalError):
 
 class JournalClosed(JournalError):
     """The journal was closed or discarded."""
-
-
-# --- records ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Head:
-    seq: int
-    base_generation: str
-    region_size: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Mark:
-    path: bytes
-    regions: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class _Tail:
-    path: bytes
-    start: int
-    high: int
-
-
-@dataclass(frozen=True, slots=True)
-class _New:
-    path: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _Gone:
-    path: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _Rename:
-    old: bytes
-    new: bytes
-    flags: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Meta:
-    path: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _Ns:
-    path: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _Origin:
-    path: bytes
-    origin: bytes | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Clear:
-    path: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _Invalid:
-    reason: str
-
-
-_Rec = _Head | _Mark | _Tail | _New | _Gone | _Rename | _Meta | _Ns | _Origin | _Clear | _Invalid
-
-_MAGIC: Final = 0xD17E
-_FRAME = struct.Struct(">HII")
-_U64 = struct.Struct(">Q")
-_U32 = struct.Struct(">I")
-
-
-class _Malformed(Exception):
-    pass
-
-
-def _blob(b: bytes) -> bytes:
-    return _U32.pack(len(b)) + b
-
-
-def _payload(rec: _Rec) -> bytes:
-    match rec:
-        case _Head(seq, base, rs):
-            return b"H" + _U64.pack(seq) + _blob(base.encode()) + _U64.pack(rs)
-        case _Mark(path, regions):
-            n = len(regions)
-            return b"M" + _blob(path) + _U32.pack(n) + struct.pack(f">{n}Q", *regions)
-        case _Tail(path, start, high):
-            return b"T" + _blob(path) + _U64.pack(start) + _U64.pack(high)
-        case _New(path):
-            return b"N" + _blob(path)
-        case _Gone(path):
-            return b"G" + _blob(path)
-        case _Rename(old, new, flags):
-            return b"R" + _blob(old) + _blob(new) + _U64.pack(flags)
-        case _Meta(path):
-            return b"A" + _blob(path)
-        case _Ns(path):
-            return b"S" + _blob(path)
-        case _Origin(path, origin):
-            tail = b"\x00" if origin is None else b"\x01" + _blob(origin)
-            return b"O" + _blob(path) + tail
-        case _Clear(path):
-            return b"C" + _blob(path)
-        case _Invalid(reason):
-            return b"X" + _blob(reason.encode())
-
-
-def _frame(rec: _Rec) -> bytes:
-    payload = _payload(rec)
-    crc = zlib.crc32(payload, zlib.crc32(_U32.pack(len(payload))))
-    return _FRAME.pack(_MAGIC, len(payload), crc) + payload
-
-
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise _Malformed("short payload")
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def u64(self) -> int:
-        return int(_U64.unpack(self.take(8))[0])
-
-    def u32(self) -> int:
-        return int(_U32.unpack(self.take(4))[0])
-
-    def blob(self) -> bytes:
-        return self.take(self.u32())
-
-
-def _decode(payload: bytes) -> _Rec:
-    r = _Reader(payload)
-    kind = r.take(1)
-    rec: _Rec
-    try:
-        if kind == b"H":
-            rec = _Head(r.u64(), r.blob().decode(), r.u64())
-        elif kind == b"M":
-            path = r.blob()
-            n = r.u32()
-            rec = _Mark(path, struct.unpack(f">{n}Q", r.take(8 * n)))
-        elif kind == b"T":
-            rec = _Tail(r.blob(), r.u64(), r.u64())
-        elif kind == b"N":
-            rec = _New(r.blob())
-        elif kind == b"G":
-            rec = _Gone(r.blob())
-        elif kind == b"R":
-            rec = _Rename(r.blob(), r.blob(), r.u64())
-        elif kind == b"A":
-            rec = _Meta(r.blob())
-        elif kind == b"S":
-            rec = _Ns(r.blob())
-        elif kind == b"O":
-            path = r.blob()
-            rec = _Origin(path, r.blob() if r.take(1) == b"\x01" else None)
-        elif kind == b"C":
-            rec = _Clear(r.blob())
-        elif kind == b"X":
-            rec = _Invalid(r.blob().decode())
-        else:
-            raise _Malformed(f"unknown record kind {kind!r}")
-    except UnicodeDecodeError as exc:
-        raise _Malformed("text field is not UTF-8") from exc
-    if r.pos != len(payload):
-        raise _Malformed("trailing bytes in record")
-    return rec
-
-
-def _frame_at(data: bytes, off: int) -> tuple[_Rec, int] | None:
-    """The record framed at ``off`` and the offset after it, or None if none is valid there."""
-    if off + _FRAME.size > len(data):
-        return None
-    magic, length, crc = _FRAME.unpack_from(data, off)
-    end = off + _FRAME.size + length
-    if magic != _MAGIC or end > len(data):
-        return None
-    payload = data[off + _FRAME.size : end]
-    if zlib.crc32(payload, zlib.crc32(_U32.pack(length))) != crc:
-        return None
-    try:
-        return _decode(payload), end
-    except _Malformed:
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class _Parsed:
-    records: list[_Rec]
-    end: int  # where the valid records stop (len(data) when all are valid)
-    corrupt_at: int | None  # offset of a bad record followed by a good one
-
-
-def _parse(data: bytes) -> _Parsed:
-    records: list[_Rec] = []
-    off = 0
-    while off < len(data):
-        got = _frame_at(data, off)
-        if got is None:
-            # Torn tail (ignored) unless a valid record follows: then it is corruption.
-            magic = _MAGIC.to_bytes(2, "big")
-            probe = data.find(magic, off + 1)
-            while probe != -1:
-                if _frame_at(data, probe) is not None:
-                    return _Parsed(records, off, off)
-                probe = data.find(magic, probe + 1)
-            return _Parsed(records, off, None)
-        rec, off = got
-        records.append(rec)
-    return _Parsed(records, off, None)
-
-
-# --- the pure state --------------------------------------------------------------------------
-
-
-def _under(path: bytes, top: bytes) -> bool:
-    return not top or path == top or path.startswith(top + b"/")
-
-
-def _parent(path: bytes) -> bytes:
-    return path.rpartition(b"/")[0]
-
-
-def _renamed(path: bytes, old: bytes, new: bytes, exchange: bool) -> bytes | None:
-    """Where ``path`` is after renaming ``old`` to ``new`` (None: it was replaced)."""
-    if _under(path, old):
-        return new + path[len(old) :]
-    if _under(path, new):
-        return old + path[len(new) :] if exchange else None
-    return path
-
-
-def _rekey_dict(d: dict[bytes, V], old: bytes, new: bytes, exchange: bool) -> None:
-    hit = [k for k in d if _under(k, old) or _under(k, new)]
-    values = {k: d.pop(k) for k in hit}
-    for k in hit:
-        k2 = _renamed(k, old, new, exchange)
-        if k2 is not None:
-            d[k2] = values[k]
-
-
-def _rekey_set(s: set[bytes], old: bytes, new: bytes, exchange: bool) -> None:
-    hit = [k for k in s if _under(k, old) or _under(k, new)]
-    s.difference_update(hit)
-    for k in hit:
-        k2 = _renamed(k, old, new, exchange)
-        if k2 is not None:
-            s.add(k2)
-
-
-@dataclass(slots=True)
-class _File:
-    regions: set[int] = field(default_factory=set)
-    tail: int | None = None  # every region >= tail is dirty
-    high: int = 0  # highest region marked inside the tail (for estimates)
-
-    def covers(self, region: int) -> bool:
-        return region in self.regions or (self.tail is not None and region >= self.tail)
-
-
-class _State:
-    """Everything the journal knows, changed only by ``apply(record)``; no I/O."""
-
-    def __init__(self, seq: int, base_generation: str, region_size: int) -> None:
-        self.seq = seq
-        self.base_generation = base_generation
-        self.region_size = region_size
-        self.trusted = True
-        self.reason = ""
-        self.files: dict[bytes, _File] = {}
-        self.namespace: set[bytes] = set()
-        self.metadata: set[bytes] = set()
-        self.origins: dict[bytes, bytes | None] = {}
-
-    def path_count(self) -> int:
-        return len(self.files) + len(self.namespace) + len(self.metadata) + len(self.origins)
-
-    def origin(self, path: bytes) -> bytes | None:
-        p = path
-        while True:
-            if p in self.origins:
-                o = self.origins[p]
-                return None if o is None else o + path[len(p) :]
-            if not p:
-                return path
-            p = _parent(p)
-
-    def _drop_under(self, top: bytes) -> None:
-        for k in [k for k in self.files if _under(k, top)]:
-            del self.files[k]
-        for k in [k for k in self.origins if _under(k, top)]:
-            del self.origins[k]
-        self.metadata.difference_update([k for k in self.metadata if _under(k, top)])
-        self.namespace.difference_update([k for k in self.namespace if _under(k, top)])
-
-    def apply(self, rec: _Rec) -> None:
-        if not self.trusted:
-            return
-        match rec:
-            case _Head(seq, base, rs):
-                self.seq, self.base_generation, self.region_size = seq, base, rs
-            case _Mark(path, regions):
-                f = self.files.setdefault(path, _File())
-                f.regions.update(r for r in regions if not f.covers(r))
-            case _Tail(path, start, high):
-                f = self.files.setdefault(path, _File())
-                f.tail = start if f.tail is None else min(f.tail, start)
-                f.high = max(f.high, high, start)
-                f.regions = {r for r in f.regions if r < f.tail}
-            case _New(path):
-                self.files.pop(path, None)
-                self.metadata.discard(path)
-                self.namespace.add(path)
-                self.origins[path] = None
-            case _Gone(path):
-                self._drop_under(path)
-                self.namespace.add(path)
-            case _Rename(old, new, flags):
-                if old == new:
-                    return
-                exchange = bool(flags & RENAME_EXCHANGE)
-                o_old, o_new = self.origin(old), self.origin(new)
-                _rekey_dict(self.files, old, new, exchange)
-                _rekey_dict(self.origins, old, new, exchange)
-                _rekey_set(self.metadata, old, new, exchange)
-                _rekey_set(self.namespace, old, new, exchange)
-                self.origins[new] = o_old
-                if exchange:
-                    self.origins[old] = o_new
-                self.namespace.update((old, new))
-            case _Meta(path):
-                self.metadata.add(path)
-            case _Ns(path):
-                self.namespace.add(path)
-            case _Origin(path, origin):
-                self.origins[path] = origin
-            case _Clear(path):
-                self.files.pop(path, None)
-                self.metadata.discard(path)
-                self.namespace.discard(path)
-                self.origins.pop(path, None)
-                if self.origin(path) != path:
-                    self.origins[path] = path
-            case _Invalid(reason):
-                self.trusted, self.reason = False, reason
-                self.files, self.namespace, self.metadata, self.origins = {}, set(), set(), {}
-
-    def records(self) -> list[_Rec]:
-        """Records that rebuild this state from an empty one (the snapshot's content)."""
-        out: list[_Rec] = [_Head(self.seq, self.base_generation, self.region_size)]
-        if not self.trusted:
-            out.append(_Invalid(self.reason))
-            return out
-        for path, f in self.files.items():
-            if f.regions:
-                out.append(_Mark(path, tuple(sorted(f.regions))))
-            if f.tail is not None:
-                out.append(_Tail(path, f.tail, f.high))
-        out.extend(_Ns(p) for p in self.namespace)
-        out.extend(_Meta(p) for p in self.metadata)
-        out.extend(_Origin(p, o) for p, o in self.origins.items())
-        return out
-
-
-def _merge(regions: list[int], tail: int | None, size: int) -> list[tuple[int, int]]:
-    ranges: list[tuple[int, int]] = []
-    for r in sorted(regions):
-        if ranges and ranges[-1][0] + ranges[-1][1] == r * size:
-            ranges[-1] = (ranges[-1][0], ranges[-1][1] + size)
-        else:
-            ranges.append((r * size, size))
-    if tail is not None:
-        if ranges and ranges[-1][0] + ranges[-1][1] == tail * size:
-            ranges[-1] = (ranges[-1][0], TO_EOF)
-        else:
-            ranges.append((tail * size, TO_EOF))
-    return ranges
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -564,7 +188,7 @@ class DirtyJournal:
         if region_size <= 0:
             raise ValueError(f"region_size must be positive, not {region_size}")
         self._setup(state_dir, resolver, max_regions_per_file, max_paths, compact_bytes)
-        self._state = _State(0, base_generation, region_size)
+        self._state = js.State(0, base_generation, region_size)
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
             self._compact_locked()
@@ -620,32 +244,32 @@ class DirtyJournal:
             raise JournalNotFound(f"no dirty journal in {state_dir}") from exc
         except OSError as exc:
             raise JournalCorrupt(f"cannot read {snap_path}: {exc}") from exc
-        parsed = _parse(snap)
+        parsed = js.parse(snap)
         head = parsed.records[0] if parsed.records else None
-        if not isinstance(head, _Head):
+        if not isinstance(head, js.Head):
             raise JournalCorrupt(f"{snap_path}: no valid head record at offset 0")
-        state = _State(head.seq, head.base_generation, head.region_size)
+        state = js.State(head.seq, head.base_generation, head.region_size)
         for rec in parsed.records[1:]:
             state.apply(rec)
         if parsed.end != len(snap):  # the snapshot is written atomically: never torn
-            state.apply(_Invalid(f"{snap_path}: corrupt record at offset {parsed.end}"))
+            state.apply(js.Invalid(f"{snap_path}: corrupt record at offset {parsed.end}"))
         try:
             log = log_path.read_bytes()
         except FileNotFoundError:
             log = b""  # a crash right after the snapshot was replaced: nothing was logged
         except OSError as exc:
             log = b""
-            state.apply(_Invalid(f"cannot read {log_path}: {exc}"))
+            state.apply(js.Invalid(f"cannot read {log_path}: {exc}"))
         if log:
-            lp = _parse(log)
+            lp = js.parse(log)
             lhead = lp.records[0] if lp.records else None
-            if not isinstance(lhead, _Head) or lp.corrupt_at == 0:
-                state.apply(_Invalid(f"{log_path}: corrupt record at offset 0"))
+            if not isinstance(lhead, js.Head) or lp.corrupt_at == 0:
+                state.apply(js.Invalid(f"{log_path}: corrupt record at offset 0"))
             elif lhead.seq == head.seq:
                 for rec in lp.records[1:]:
                     state.apply(rec)
                 if lp.corrupt_at is not None:
-                    state.apply(_Invalid(f"{log_path}: corrupt record at offset {lp.corrupt_at}"))
+                    state.apply(js.Invalid(f"{log_path}: corrupt record at offset {lp.corrupt_at}"))
             # else: a stale log (a crash during compaction): its content is in the snapshot
         self._state = state
         try:
@@ -693,13 +317,13 @@ class DirtyJournal:
         """Record, durably, that the journal cannot be trusted (e.g. writes behind the mirror)."""
         with self._cond:
             self._check_usable()
-            self._commit_locked([_Invalid(reason)])
+            self._commit_locked([js.Invalid(reason)])
 
     def clear_file(self, path: bytes) -> None:
         """Reintegration finished ``path``: drop its data, metadata and namespace entries."""
         with self._cond:
             self._check_usable()
-            self._commit_locked([_Clear(path)])
+            self._commit_locked([js.Clear(path)])
 
     def reset(self, new_base_generation: str) -> None:
         """The peer has everything up to now: start empty (and trusted) at a new base.
@@ -710,7 +334,7 @@ class DirtyJournal:
             self._check_open()
             self._quiesce_locked()
             rs = self._state.region_size
-            self._state = _State(self._state.seq, new_base_generation, rs)
+            self._state = js.State(self._state.seq, new_base_generation, rs)
             self._queue, self._durable = [], self._enqueued
             try:
                 self._compact_locked()
@@ -765,7 +389,7 @@ class DirtyJournal:
         with self._cond:
             size = self._state.region_size
             out = [
-                (path, _merge(list(f.regions), f.tail, size))
+                (path, js.merge(list(f.regions), f.tail, size))
                 for path, f in self._state.files.items()
             ]
         return iter(sorted(out))
@@ -816,42 +440,42 @@ class DirtyJournal:
             raise _UnknownHandle(fh)
         return path
 
-    def _data(self, path: bytes | None, lo: int, hi: int) -> list[_Rec]:
+    def _data(self, path: bytes | None, lo: int, hi: int) -> list[js.Record]:
         """Records that make regions lo..hi of ``path`` dirty (none if they are already)."""
         if path is None or hi < lo:
             return []
-        f = self._state.files.get(path, _File())
+        f = self._state.files.get(path, js.FileState())
         if f.tail is not None and lo >= f.tail:
             return []
         if hi - lo + 1 > self._max_regions:
-            return [_Tail(path, lo, hi)]
+            return [js.Tail(path, lo, hi)]
         needed = tuple(r for r in range(lo, hi + 1) if not f.covers(r))
         if not needed:
             return []
         if len(f.regions) + len(needed) > self._max_regions:
-            return [_Tail(path, min(lo, *f.regions), max(hi, *f.regions))]
-        return [_Mark(path, needed)]
+            return [js.Tail(path, min(lo, *f.regions), max(hi, *f.regions))]
+        return [js.Mark(path, needed)]
 
-    def _tail(self, path: bytes | None, start: int) -> list[_Rec]:
+    def _tail(self, path: bytes | None, start: int) -> list[js.Record]:
         if path is None:
             return []
         f = self._state.files.get(path)
         if f is not None and f.tail is not None and f.tail <= start:
             return []
-        return [_Tail(path, start, start)]
+        return [js.Tail(path, start, start)]
 
-    def _records_for(self, op: ops.Op) -> list[_Rec]:
+    def _records_for(self, op: ops.Op) -> list[js.Record]:
         """Follow handles and translate ``op`` into the records still missing."""
         rs = self._state.region_size
         try:
             recs = self._translate(op, rs)
         except _UnknownHandle as exc:
-            recs = [_Invalid(f"an operation named handle {exc.fh}, whose file is unknown")]
+            recs = [js.Invalid(f"an operation named handle {exc.fh}, whose file is unknown")]
         if not self._state.trusted:
             return []
         return recs
 
-    def _translate(self, op: ops.Op, rs: int) -> list[_Rec]:
+    def _translate(self, op: ops.Op, rs: int) -> list[js.Record]:
         st = self._state
         match op:
             case ops.Open(fh, path):
@@ -859,7 +483,7 @@ class DirtyJournal:
                 return []
             case ops.Create(fh=fh, path=path):
                 self._handles[fh] = path
-                return [_New(path)]
+                return [js.New(path)]
             case ops.Release(fh):
                 self._handles.pop(fh, None)
                 return []
@@ -884,26 +508,26 @@ class DirtyJournal:
                 end = (offset + length - 1) // rs  # the size may grow: list the file
                 return self._data(target, end, end)
             case ops.Mknod(path=path) | ops.Mkdir(path=path) | ops.Symlink(path=path):
-                return [_New(path)]
+                return [js.New(path)]
             case ops.Unlink(path):
                 for fh, p in self._handles.items():
                     if p == path:
                         self._handles[fh] = None
-                return [_Gone(path)]
+                return [js.Gone(path)]
             case ops.Rmdir(path):
-                return [_Gone(path)]
+                return [js.Gone(path)]
             case ops.Rename(old, new, flags):
                 if old == new:
                     return []
                 exchange = bool(flags & RENAME_EXCHANGE)
                 for fh, p in self._handles.items():
                     if p is not None:
-                        self._handles[fh] = _renamed(p, old, new, exchange)
-                return [_Rename(old, new, flags)]
+                        self._handles[fh] = js.renamed(p, old, new, exchange)
+                return [js.Rename(old, new, flags)]
             case ops.Link(target, new):
-                recs: list[_Rec] = [_New(new)]
+                recs: list[js.Record] = [js.New(new)]
                 if target not in st.metadata:
-                    recs.append(_Meta(target))
+                    recs.append(js.Meta(target))
                 return recs
             case (
                 ops.Chmod(path=path)
@@ -912,18 +536,18 @@ class DirtyJournal:
                 | ops.SetXattr(path=path)
                 | ops.RemoveXattr(path=path)
             ):
-                return [] if path in st.metadata else [_Meta(path)]
+                return [] if path in st.metadata else [js.Meta(path)]
 
-    def _commit_locked(self, recs: list[_Rec]) -> None:
+    def _commit_locked(self, recs: list[js.Record]) -> None:
         """Apply ``recs`` in memory, queue them, wait until they and all before are durable."""
         if recs:
             for rec in recs:
                 self._state.apply(rec)
-                self._queue.append(_frame(rec))
+                self._queue.append(js.frame(rec))
             if self._state.trusted and self._state.path_count() > self._max_paths:
-                rec = _Invalid(f"more than {self._max_paths} paths changed; compare everything")
+                rec = js.Invalid(f"more than {self._max_paths} paths changed; compare everything")
                 self._state.apply(rec)
-                self._queue.append(_frame(rec))
+                self._queue.append(js.frame(rec))
             self._enqueued += 1
         target = self._enqueued
         while self._durable < target:
@@ -981,8 +605,8 @@ class DirtyJournal:
         """Write the state as a new snapshot and start a new log (memory must equal disk)."""
         st = self._state
         st.seq += 1
-        _replace_file(self._dir / SNAPSHOT_NAME, b"".join(map(_frame, st.records())))
-        head = _frame(_Head(st.seq, st.base_generation, st.region_size))
+        _replace_file(self._dir / SNAPSHOT_NAME, b"".join(map(js.frame, st.records())))
+        head = js.frame(js.Head(st.seq, st.base_generation, st.region_size))
         _replace_file(self._dir / LOG_NAME, head)
         fd = os.open(self._dir / LOG_NAME, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         if self._log_fd >= 0:

@@ -1,0 +1,450 @@
+"""The dirty journal's record format and its in-memory state: pure, no I/O, no locks.
+
+How it works
+    A journal is a sequence of records (``Head``, ``Mark``, ``Tail``, ``New``, ``Gone``,
+    ``Rename``, ``Meta``, ``Ns``, ``Origin``, ``Clear``, ``Invalid``). ``State.apply(record)``
+    is the only way the in-memory state changes, both while recording and when replaying the
+    files on load, so memory and disk cannot disagree. ``State.records()`` gives the records
+    that rebuild the state (the snapshot's content); ``merge`` turns a file's dirty regions into
+    byte ranges.
+
+    Framing: ``magic u16 | length u32 | crc32 u32 | payload``, the crc covering the length and
+    the payload; the payload is a one-byte kind then big-endian fields, byte strings as
+    ``u32 length | bytes``. ``parse(data)`` returns the valid records, where they stop, and
+    whether a bad record is followed by a good one (corruption) or only by garbage (a torn
+    append, ignored).
+
+    The files, the locking, group commit and the translation of replicated operations into
+    records are journal.py's (``DirtyJournal``), whose docstring describes the whole design.
+
+Exceptions
+    None leave this module: a record that does not decode is reported by ``parse`` as the
+    place where the valid records stop.
+
+Known limits
+    Renames and ``Gone`` scan every tracked path (O(paths)).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Final, TypeVar
+
+#: Length of a range that runs to the end of the file (clip every range to the file's length).
+TO_EOF: Final = 1 << 62
+RENAME_EXCHANGE: Final = 2
+
+V = TypeVar("V")
+
+__all__ = [
+    "RENAME_EXCHANGE",
+    "TO_EOF",
+    "Clear",
+    "FileState",
+    "Gone",
+    "Head",
+    "Invalid",
+    "Mark",
+    "Meta",
+    "New",
+    "Ns",
+    "Origin",
+    "Parsed",
+    "Record",
+    "Rename",
+    "State",
+    "Tail",
+    "frame",
+    "merge",
+    "parse",
+    "renamed",
+]
+
+
+# --- records ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    seq: int
+    base_generation: str
+    region_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    path: bytes
+    regions: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Tail:
+    path: bytes
+    start: int
+    high: int
+
+
+@dataclass(frozen=True, slots=True)
+class New:
+    path: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Gone:
+    path: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Rename:
+    old: bytes
+    new: bytes
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    path: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Ns:
+    path: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    path: bytes
+    origin: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Clear:
+    path: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    reason: str
+
+
+Record = Head | Mark | Tail | New | Gone | Rename | Meta | Ns | Origin | Clear | Invalid
+
+_MAGIC: Final = 0xD17E
+_FRAME = struct.Struct(">HII")
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _blob(b: bytes) -> bytes:
+    return _U32.pack(len(b)) + b
+
+
+def _payload(rec: Record) -> bytes:
+    match rec:
+        case Head(seq, base, rs):
+            return b"H" + _U64.pack(seq) + _blob(base.encode()) + _U64.pack(rs)
+        case Mark(path, regions):
+            n = len(regions)
+            return b"M" + _blob(path) + _U32.pack(n) + struct.pack(f">{n}Q", *regions)
+        case Tail(path, start, high):
+            return b"T" + _blob(path) + _U64.pack(start) + _U64.pack(high)
+        case New(path):
+            return b"N" + _blob(path)
+        case Gone(path):
+            return b"G" + _blob(path)
+        case Rename(old, new, flags):
+            return b"R" + _blob(old) + _blob(new) + _U64.pack(flags)
+        case Meta(path):
+            return b"A" + _blob(path)
+        case Ns(path):
+            return b"S" + _blob(path)
+        case Origin(path, origin):
+            tail = b"\x00" if origin is None else b"\x01" + _blob(origin)
+            return b"O" + _blob(path) + tail
+        case Clear(path):
+            return b"C" + _blob(path)
+        case Invalid(reason):
+            return b"X" + _blob(reason.encode())
+
+
+def frame(rec: Record) -> bytes:
+    payload = _payload(rec)
+    crc = zlib.crc32(payload, zlib.crc32(_U32.pack(len(payload))))
+    return _FRAME.pack(_MAGIC, len(payload), crc) + payload
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise _Malformed("short payload")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def u64(self) -> int:
+        return int(_U64.unpack(self.take(8))[0])
+
+    def u32(self) -> int:
+        return int(_U32.unpack(self.take(4))[0])
+
+    def blob(self) -> bytes:
+        return self.take(self.u32())
+
+
+def _decode(payload: bytes) -> Record:
+    r = _Reader(payload)
+    kind = r.take(1)
+    rec: Record
+    try:
+        if kind == b"H":
+            rec = Head(r.u64(), r.blob().decode(), r.u64())
+        elif kind == b"M":
+            path = r.blob()
+            n = r.u32()
+            rec = Mark(path, struct.unpack(f">{n}Q", r.take(8 * n)))
+        elif kind == b"T":
+            rec = Tail(r.blob(), r.u64(), r.u64())
+        elif kind == b"N":
+            rec = New(r.blob())
+        elif kind == b"G":
+            rec = Gone(r.blob())
+        elif kind == b"R":
+            rec = Rename(r.blob(), r.blob(), r.u64())
+        elif kind == b"A":
+            rec = Meta(r.blob())
+        elif kind == b"S":
+            rec = Ns(r.blob())
+        elif kind == b"O":
+            path = r.blob()
+            rec = Origin(path, r.blob() if r.take(1) == b"\x01" else None)
+        elif kind == b"C":
+            rec = Clear(r.blob())
+        elif kind == b"X":
+            rec = Invalid(r.blob().decode())
+        else:
+            raise _Malformed(f"unknown record kind {kind!r}")
+    except UnicodeDecodeError as exc:
+        raise _Malformed("text field is not UTF-8") from exc
+    if r.pos != len(payload):
+        raise _Malformed("trailing bytes in record")
+    return rec
+
+
+def _frame_at(data: bytes, off: int) -> tuple[Record, int] | None:
+    """The record framed at ``off`` and the offset after it, or None if none is valid there."""
+    if off + _FRAME.size > len(data):
+        return None
+    magic, length, crc = _FRAME.unpack_from(data, off)
+    end = off + _FRAME.size + length
+    if magic != _MAGIC or end > len(data):
+        return None
+    payload = data[off + _FRAME.size : end]
+    if zlib.crc32(payload, zlib.crc32(_U32.pack(length))) != crc:
+        return None
+    try:
+        return _decode(payload), end
+    except _Malformed:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    records: list[Record]
+    end: int  # where the valid records stop (len(data) when all are valid)
+    corrupt_at: int | None  # offset of a bad record followed by a good one
+
+
+def parse(data: bytes) -> Parsed:
+    records: list[Record] = []
+    off = 0
+    while off < len(data):
+        got = _frame_at(data, off)
+        if got is None:
+            # Torn tail (ignored) unless a valid record follows: then it is corruption.
+            magic = _MAGIC.to_bytes(2, "big")
+            probe = data.find(magic, off + 1)
+            while probe != -1:
+                if _frame_at(data, probe) is not None:
+                    return Parsed(records, off, off)
+                probe = data.find(magic, probe + 1)
+            return Parsed(records, off, None)
+        rec, off = got
+        records.append(rec)
+    return Parsed(records, off, None)
+
+
+# --- the state --------------------------------------------------------------------------
+
+
+def _under(path: bytes, top: bytes) -> bool:
+    return not top or path == top or path.startswith(top + b"/")
+
+
+def _parent(path: bytes) -> bytes:
+    return path.rpartition(b"/")[0]
+
+
+def renamed(path: bytes, old: bytes, new: bytes, exchange: bool) -> bytes | None:
+    """Where ``path`` is after renaming ``old`` to ``new`` (None: it was replaced)."""
+    if _under(path, old):
+        return new + path[len(old) :]
+    if _under(path, new):
+        return old + path[len(new) :] if exchange else None
+    return path
+
+
+def _rekey_dict(d: dict[bytes, V], old: bytes, new: bytes, exchange: bool) -> None:
+    hit = [k for k in d if _under(k, old) or _under(k, new)]
+    values = {k: d.pop(k) for k in hit}
+    for k in hit:
+        k2 = renamed(k, old, new, exchange)
+        if k2 is not None:
+            d[k2] = values[k]
+
+
+def _rekey_set(s: set[bytes], old: bytes, new: bytes, exchange: bool) -> None:
+    hit = [k for k in s if _under(k, old) or _under(k, new)]
+    s.difference_update(hit)
+    for k in hit:
+        k2 = renamed(k, old, new, exchange)
+        if k2 is not None:
+            s.add(k2)
+
+
+@dataclass(slots=True)
+class FileState:
+    regions: set[int] = field(default_factory=set)
+    tail: int | None = None  # every region >= tail is dirty
+    high: int = 0  # highest region marked inside the tail (for estimates)
+
+    def covers(self, region: int) -> bool:
+        return region in self.regions or (self.tail is not None and region >= self.tail)
+
+
+class State:
+    """Everything the journal knows, changed only by ``apply(record)``; no I/O."""
+
+    def __init__(self, seq: int, base_generation: str, region_size: int) -> None:
+        self.seq = seq
+        self.base_generation = base_generation
+        self.region_size = region_size
+        self.trusted = True
+        self.reason = ""
+        self.files: dict[bytes, FileState] = {}
+        self.namespace: set[bytes] = set()
+        self.metadata: set[bytes] = set()
+        self.origins: dict[bytes, bytes | None] = {}
+
+    def path_count(self) -> int:
+        return len(self.files) + len(self.namespace) + len(self.metadata) + len(self.origins)
+
+    def origin(self, path: bytes) -> bytes | None:
+        p = path
+        while True:
+            if p in self.origins:
+                o = self.origins[p]
+                return None if o is None else o + path[len(p) :]
+            if not p:
+                return path
+            p = _parent(p)
+
+    def _drop_under(self, top: bytes) -> None:
+        for k in [k for k in self.files if _under(k, top)]:
+            del self.files[k]
+        for k in [k for k in self.origins if _under(k, top)]:
+            del self.origins[k]
+        self.metadata.difference_update([k for k in self.metadata if _under(k, top)])
+        self.namespace.difference_update([k for k in self.namespace if _under(k, top)])
+
+    def apply(self, rec: Record) -> None:
+        if not self.trusted:
+            return
+        match rec:
+            case Head(seq, base, rs):
+                self.seq, self.base_generation, self.region_size = seq, base, rs
+            case Mark(path, regions):
+                f = self.files.setdefault(path, FileState())
+                f.regions.update(r for r in regions if not f.covers(r))
+            case Tail(path, start, high):
+                f = self.files.setdefault(path, FileState())
+                f.tail = start if f.tail is None else min(f.tail, start)
+                f.high = max(f.high, high, start)
+                f.regions = {r for r in f.regions if r < f.tail}
+            case New(path):
+                self.files.pop(path, None)
+                self.metadata.discard(path)
+                self.namespace.add(path)
+                self.origins[path] = None
+            case Gone(path):
+                self._drop_under(path)
+                self.namespace.add(path)
+            case Rename(old, new, flags):
+                if old == new:
+                    return
+                exchange = bool(flags & RENAME_EXCHANGE)
+                o_old, o_new = self.origin(old), self.origin(new)
+                _rekey_dict(self.files, old, new, exchange)
+                _rekey_dict(self.origins, old, new, exchange)
+                _rekey_set(self.metadata, old, new, exchange)
+                _rekey_set(self.namespace, old, new, exchange)
+                self.origins[new] = o_old
+                if exchange:
+                    self.origins[old] = o_new
+                self.namespace.update((old, new))
+            case Meta(path):
+                self.metadata.add(path)
+            case Ns(path):
+                self.namespace.add(path)
+            case Origin(path, origin):
+                self.origins[path] = origin
+            case Clear(path):
+                self.files.pop(path, None)
+                self.metadata.discard(path)
+                self.namespace.discard(path)
+                self.origins.pop(path, None)
+                if self.origin(path) != path:
+                    self.origins[path] = path
+            case Invalid(reason):
+                self.trusted, self.reason = False, reason
+                self.files, self.namespace, self.metadata, self.origins = {}, set(), set(), {}
+
+    def records(self) -> list[Record]:
+        """Records that rebuild this state from an empty one (the snapshot's content)."""
+        out: list[Record] = [Head(self.seq, self.base_generation, self.region_size)]
+        if not self.trusted:
+            out.append(Invalid(self.reason))
+            return out
+        for path, f in self.files.items():
+            if f.regions:
+                out.append(Mark(path, tuple(sorted(f.regions))))
+            if f.tail is not None:
+                out.append(Tail(path, f.tail, f.high))
+        out.extend(Ns(p) for p in self.namespace)
+        out.extend(Meta(p) for p in self.metadata)
+        out.extend(Origin(p, o) for p, o in self.origins.items())
+        return out
+
+
+def merge(regions: list[int], tail: int | None, size: int) -> list[tuple[int, int]]:
+    ranges: list[tuple[int, int]] = []
+    for r in sorted(regions):
+        if ranges and ranges[-1][0] + ranges[-1][1] == r * size:
+            ranges[-1] = (ranges[-1][0], ranges[-1][1] + size)
+        else:
+            ranges.append((r * size, size))
+    if tail is not None:
+        if ranges and ranges[-1][0] + ranges[-1][1] == tail * size:
+            ranges[-1] = (ranges[-1][0], TO_EOF)
+        else:
+            ranges.append((tail * size, TO_EOF))
+    return ranges
