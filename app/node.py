@@ -593,8 +593,15 @@ class ModuleRunner:
             await asyncio.sleep(self.t.feed_s)
 
     async def witness_prober(self) -> None:
+        """Ask the witness while the peer is silent.
+
+        Once a probe fails during a silence, the witness counts as unreachable until the peer
+        is heard again: answers at different moments prove nothing (the peer may have reached
+        the witness, gone ALONE and died while we could not reach it).
+        """
         if not self.witnesses:
             return
+        missed = False
         while not self.closing:
             v = self.hb.view(self.t.timeout_s)
             silent = v.age is None or v.age > 2 * self.t.pulse_s or not v.seen
@@ -604,12 +611,12 @@ class ModuleRunner:
                     self.t.witness_timeout_s,
                     method=self.m.splitbrain.method,
                 )
-                self.s.witness = (
-                    core.Witness.REACHABLE if ans.reachable else core.Witness.UNREACHABLE
-                )
+                missed = missed or not ans.reachable
+                self.s.witness = core.Witness.UNREACHABLE if missed else core.Witness.REACHABLE
                 self.s.witness_at = self.clock()
                 await asyncio.sleep(self.t.tick_s)
             else:
+                missed = False
                 self.s.witness = core.Witness.UNKNOWN
                 await asyncio.sleep(self.t.pulse_s / 2)
 

@@ -44,6 +44,12 @@ Peer loss, witness, split brain
     running primary beats a failover, then the preferred node, then the smaller name) gives way:
     it quarantines what it wrote and takes a full resync.
 
+Witness answers
+    ``Snapshot.witness`` is REACHABLE only if the witness answered every probe since the peer
+    went silent: one failed probe during the silence makes it UNREACHABLE until the peer is heard
+    again. Answers at different moments prove nothing: the peer may have reached the witness,
+    gone ALONE and died while this node could not reach it (found by the pair simulator).
+
 Exception tree
     ClusterError (errors.py)
      +-- CoreError

@@ -100,6 +100,7 @@ class Node:
     command: Command | None = None
     quarantined: int = 0
     was_primary: bool = False
+    witness_missed: bool = False  # a witness probe failed since the peer went silent
     reasons: list[str] = field(default_factory=list)
 
 
@@ -187,16 +188,26 @@ class Pair:
         )
 
     def snapshot(self, n: Node) -> Snapshot:
+        peer = self.peer_view(n)
+        answer = self.witness_answer(n)
+        # As the daemon does: once a probe fails while the peer is silent, the witness counts as
+        # unreachable until the peer is heard again (answers at different moments prove nothing).
+        if peer.seen:
+            n.witness_missed = False
+        elif answer is Witness.UNREACHABLE:
+            n.witness_missed = True
+        if n.witness_missed and answer is Witness.REACHABLE:
+            answer = Witness.UNREACHABLE
         return Snapshot(
             now=self.now,
             state=n.state,
             substatus=n.sub,
             since=n.since,
             generation=n.gen,
-            peer=self.peer_view(n),
+            peer=peer,
             command=n.command,
             goal=n.goal,
-            witness=self.witness_answer(n),
+            witness=answer,
             resync=n.resync,
             vip_held=n.vip,
             last=n.last,
@@ -308,6 +319,7 @@ class Pair:
         n.state, n.sub, n.since, n.goal = State.STOP, Sub.NOT_READY, self.now, Goal.NONE
         n.last = None
         n.last_tick = None
+        n.witness_missed = False
         n.command = Command.START if start else None
 
     # ------------------------------------------------------------ checks
@@ -622,3 +634,19 @@ def test_tick_order_does_not_matter_for_failover(order: tuple[int, int]) -> None
     for _ in range(20):
         pair.step(order)
     assert pair.primary() is pair.b
+
+
+def test_cut_then_primary_crash_then_heal_does_not_promote_stale_data() -> None:
+    """Found by Hypothesis: node1 goes ALONE during a cut (it reaches the witness), dies, the
+    network heals; node2 now reaches the witness too, but missed it during the silence: it must
+    wait, never fail over onto data older than node1's."""
+    pair = running_pair()
+    pair.partition(witness_with=pair.a)
+    for _ in range(7):
+        pair.step()
+    pair.crash(pair.a)
+    pair.step()
+    pair.cut = False
+    pair.run_for(20)
+    assert pair.b.state is State.WAIT, pair.story("node2 failed over onto stale data")
+    assert not pair.b.vip
