@@ -8,6 +8,8 @@ How it works
     ``utf-8``/``surrogateescape`` and are turned back into the kernel's exact ``bytes``, so names
     that are not UTF-8 round-trip. Extended attributes, which have no ``*at()`` call, go through
     ``/proc/self/fd/<root_fd>/<path>`` (still relative to the handle, final link not followed).
+    The libfuse glue (``serve`` and the binding that puts back what mfusepy drops: rename
+    flags, handles of truncate/chmod/chown/utimens, the writepage bit, lseek) is fusebinding.py.
 
     A change calls ``replicator.apply(op, local)`` with the ``app.mirror.ops`` value and a closure
     that makes the local change; reads, getattr, readdir, readlink, statfs, lseek and xattr reads
@@ -76,7 +78,11 @@ from typing import Any, ParamSpec, TypeVar
 import mfusepy
 
 from app.mirror import ops
+from app.mirror.fusebinding import ENCODING, ERRORS, MOUNT_OPTIONS, serve
 from app.mirror.ops import Replicator
+
+# serve and MOUNT_OPTIONS live in fusebinding.py and are re-exported from here.
+__all__ = ["DEFAULT_TIMEOUTS", "MOUNT_OPTIONS", "CacheTimeouts", "MirrorFS", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +96,6 @@ RENAME_EXCHANGE = 1 << 1
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
-_ENCODING = "utf-8"
-_ERRORS = "surrogateescape"
 _INODE_LOCKS = 64
 
 _STATVFS_KEYS = (
@@ -198,11 +202,11 @@ def _rel(path: str | None) -> bytes:
     """The kernel's path as bytes relative to the root (``b""`` is the root itself)."""
     if path is None:
         raise OSError(errno.ENOENT, "file has no name any more")
-    return path.encode(_ENCODING, _ERRORS).lstrip(b"/")
+    return path.encode(ENCODING, ERRORS).lstrip(b"/")
 
 
 def _name(raw: bytes) -> str:
-    return raw.decode(_ENCODING, _ERRORS)
+    return raw.decode(ENCODING, ERRORS)
 
 
 class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
@@ -325,7 +329,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
     @_fuse_errors
     def getxattr(self, path: str | None, name: str, position: int = 0) -> bytes:
         target, follow = self._xattr_path(_rel(path))
-        return os.getxattr(target, name.encode(_ENCODING, _ERRORS), follow_symlinks=follow)
+        return os.getxattr(target, name.encode(ENCODING, ERRORS), follow_symlinks=follow)
 
     @_fuse_errors
     def listxattr(self, path: str | None) -> list[str]:
@@ -567,7 +571,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
     def symlink(self, target: str | None, source: str) -> int:
         """mfusepy's naming: ``target`` is the new link's path, ``source`` its content."""
         rel = _rel(target)
-        content = source.encode(_ENCODING, _ERRORS)
+        content = source.encode(ENCODING, ERRORS)
         uid, gid, _setgid = self._creator(rel)
 
         def local() -> None:
@@ -718,7 +722,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
 
 
 def _xattr_name(name: str) -> bytes:
-    raw = name.encode(_ENCODING, _ERRORS)
+    raw = name.encode(ENCODING, ERRORS)
     if raw.startswith(b"system."):
         raise OSError(errno.EOPNOTSUPP, "system.* attributes are not supported")
     return raw
@@ -735,79 +739,3 @@ def _resolve_times(atime: int, mtime: int, now: int, st: os.stat_result) -> tupl
         return value
 
     return one(atime, st.st_atime_ns), one(mtime, st.st_mtime_ns)
-
-
-class _Binding(mfusepy.FUSE):  # type: ignore[misc]
-    """mfusepy's FUSE with what it drops for libfuse 3 put back.
-
-    mfusepy passes no rename flags, no handle to truncate/chmod/chown/utimens, no writepage
-    bit, and has no lseek wrapper; this subclass forwards them to ``MirrorFS``.
-    """
-
-    def _path(self, path: bytes | None) -> str | None:
-        return None if path is None else path.decode(self.encoding, self.errors)
-
-    @staticmethod
-    def _fh(fip: Any) -> int | None:
-        return int(fip.contents.fh) if fip else None
-
-    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
-        return int(self.operations.rename(self._path(old), self._path(new), flags))
-
-    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
-        return int(self.operations.truncate(self._path(path), length, self._fh(fip)))
-
-    def chmod_fuse_3(self, path: bytes | None, mode: int, fip: Any) -> int:
-        return int(self.operations.chmod(self._path(path), mode, self._fh(fip)))
-
-    def chown_fuse_3(self, path: bytes | None, uid: int, gid: int, fip: Any) -> int:
-        if ctypes.c_uint32(uid + 1).value == 0:
-            uid = -1
-        if ctypes.c_uint32(gid + 1).value == 0:
-            gid = -1
-        return int(self.operations.chown(self._path(path), uid, gid, self._fh(fip)))
-
-    def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
-        times = None
-        if buf:
-            atime = buf.contents.actime
-            mtime = buf.contents.modtime
-            times = (
-                atime.tv_sec * 10**9 + atime.tv_nsec,
-                mtime.tv_sec * 10**9 + mtime.tv_nsec,
-            )
-        return int(self.operations.utimens(self._path(path), times, self._fh(fip)))
-
-    def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-        data = ctypes.string_at(buf, size)
-        fi = fip.contents
-        return int(
-            self.operations.write_at(self._path(path), data, offset, fi.fh, bool(fi.writepage))
-        )
-
-    def lseek(self, path: bytes | None, offset: int, whence: int, fip: Any) -> int:
-        return int(self.operations.lseek(self._path(path), offset, whence, self._fh(fip)))
-
-
-MOUNT_OPTIONS: dict[str, bool | str] = {
-    "default_permissions": True,  # the kernel checks modes/owners against getattr
-    "allow_other": True,  # the application may run as any user (we are root)
-}
-
-
-def serve(fs: MirrorFS, mountpoint: str, *, fsname: str = "mirrorha") -> None:
-    """Mount ``fs`` on ``mountpoint`` and serve it (multithreaded) until it is unmounted.
-
-    Blocks; run it in a thread. Raises ``RuntimeError`` if libfuse fails to mount.
-    """
-    _Binding(
-        fs,
-        mountpoint,
-        foreground=True,
-        nothreads=False,
-        encoding=_ENCODING,
-        errors=_ERRORS,
-        fsname=fsname,
-        subtype="mirrorha",
-        **MOUNT_OPTIONS,
-    )
