@@ -11,11 +11,13 @@ one tree, never a bare ``OSError``, ``struct.error`` or ``ValueError``::
     |   +-- AuthError           the handshake failed: wrong cluster key, wrong cluster name,
     |                           replayed or reflected proof. Nothing from that peer is applied.
     +-- ApplyError(errno)       the secondary could not apply an operation; ``errno`` is what
-        |                       the primary hears in the Nack. The tree is unchanged unless
-        |                       the system call itself changed it partly (a short write).
-        +-- PathEscape          the operation would leave the replicated root (a symlink on the
-                                way, ``..``, an absolute path); refused before any change,
-                                errno ELOOP.
+    |   |                       the primary hears in the Nack. The tree is unchanged unless
+    |   |                       the system call itself changed it partly (a short write).
+    |   +-- PathEscape          the operation would leave the replicated root (a symlink on the
+    |                           way, ``..``, an absolute path); refused before any change,
+    |                           errno ELOOP.
+    +-- ChannelError            the peer connection closed, failed or did not answer in time
+    +-- ResyncError             a reintegration could not finish (refused, interrupted)
 
 Other mirror modules may add subclasses; keep the roots few.
 """
@@ -59,3 +61,11 @@ class PathEscape(ApplyError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno_codes.ELOOP, message)
+
+
+class ChannelError(MirrorError):
+    """The connection to the peer failed, closed or did not answer in time (channel.py)."""
+
+
+class ResyncError(MirrorError):
+    """A reintegration could not finish (resync.py): the peer refused or diverged again."""

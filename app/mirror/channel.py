@@ -1,0 +1,356 @@
+"""The replication channel: TCP sockets, threads and framing around ``protocol.Connection``.
+
+How it works
+    ``handshake(sock, conn, timeout)`` runs the mutual HMAC handshake on a blocking socket
+    (bounded by ``timeout``). A ``Link`` then owns the authenticated socket with two threads:
+    the sender writes queued frames in order, the reader feeds the Connection and dispatches:
+    Ack/Nack/ResyncReply resolve the ``Pending`` of their id; Requests, resync queries and
+    Pings go to ``handler(event) -> reply`` in the reader thread, in stream order (the
+    secondary applies ops there). ``Link.submit(make)`` allocates the next id, encodes and
+    queues the frame under one lock, so frames leave in the order of the calls: callers that
+    need an order across threads (the replicator) call it under their own ordering lock and
+    wait for the answer outside it (pipelining).
+
+    ``connect(host, port, conn, timeout)`` and ``Listener`` make the sockets (TCP_NODELAY,
+    SO_KEEPALIVE with short probes). The listener authenticates each client in its own thread
+    and hands only authenticated links to ``on_link``; anything else is closed and counted.
+
+Exceptions: ``ChannelError`` (closed, refused, timed out), ``ProtocolError``/``AuthError`` from
+the handshake (errors.py). The threads never raise: a failure closes the link with a reason.
+
+Limits: no TLS (the HMAC handshake authenticates; frames are not encrypted nor MACed
+individually, so an on-path attacker who can inject TCP segments is out of scope); one
+outstanding queue per link without a byte bound (callers bound their windows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from app.mirror.errors import ChannelError, MirrorError, ProtocolError
+from app.mirror.protocol import (
+    Ack,
+    Connection,
+    ConnectionClosed,
+    Event,
+    Hello,
+    Nack,
+    Ping,
+    Pong,
+    ResyncReply,
+)
+
+_RECV = 1 << 20
+Handler = Callable[[Event], Event | None]
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
+
+def handshake(sock: socket.socket, conn: Connection, timeout: float) -> None:
+    """Authenticate both ways; ProtocolError/AuthError or ChannelError on failure."""
+    deadline = time.monotonic() + timeout
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(conn.send(conn.hello()))
+        for _ in range(64):
+            while not conn.authenticated:
+                ev = conn.next_event()
+                if ev is None:
+                    break
+                if isinstance(ev, ConnectionClosed):
+                    raise ChannelError("peer closed the connection during the handshake")
+                if isinstance(ev, Hello):
+                    sock.sendall(conn.send(conn.auth()))
+            if conn.authenticated:
+                sock.settimeout(None)
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(left)
+            conn.receive_data(sock.recv(65536))
+    except OSError as exc:
+        raise ChannelError(f"handshake failed: {exc}") from exc
+    raise ChannelError(f"handshake not done after {timeout} s")
+
+
+class Pending:
+    """The answer to one submitted frame; ``wait`` returns it or raises ChannelError."""
+
+    __slots__ = ("_done", "_error", "_result", "on_result")
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._result: Event | None = None
+        self._error: str | None = None
+        self.on_result: Callable[[Event | None], None] | None = None
+
+    def resolve(self, result: Event | None, error: str | None = None) -> None:
+        if self._done.is_set():
+            return
+        self._result, self._error = result, error
+        if self.on_result is not None:
+            with contextlib.suppress(Exception):
+                self.on_result(result)
+        self._done.set()
+
+    def wait(self, timeout: float) -> Event:
+        if not self._done.wait(timeout):
+            raise ChannelError(f"no answer within {timeout} s")
+        if self._result is None:
+            raise ChannelError(self._error or "connection closed")
+        return self._result
+
+
+class Link:
+    """An authenticated connection with its sender and reader threads."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        conn: Connection,
+        *,
+        handler: Handler | None = None,
+        on_close: Callable[[Link, str], None] | None = None,
+        log: logging.Logger | None = None,
+        name: str = "link",
+    ) -> None:
+        self.sock = sock
+        self.conn = conn
+        self.name = name
+        self.handler = handler
+        self.on_close = on_close
+        self.log = log or logging.getLogger(__name__)
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, Pending] = {}
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._closed = threading.Event()
+        self.close_reason = ""
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.frames_sent = 0
+        self._threads = [
+            threading.Thread(target=self._send_loop, name=f"{name}:send", daemon=True),
+            threading.Thread(target=self._read_loop, name=f"{name}:read", daemon=True),
+        ]
+
+    def start(self) -> Link:
+        for t in self._threads:
+            t.start()
+        return self
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait (bounded) until every submitted frame is answered."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight() and not self.closed:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
+        return not self.closed
+
+    def submit(
+        self,
+        make: Callable[[int], Event],
+        on_result: Callable[[Event | None], None] | None = None,
+    ) -> Pending:
+        """Queue ``make(id)`` and return its Pending (already failed if the link is closed).
+
+        ``on_result(answer or None)`` runs in the reader thread before waiters wake up.
+        """
+        pending = Pending()
+        pending.on_result = on_result
+        with self._lock:
+            if self._closed.is_set():
+                pending.resolve(None, f"link closed: {self.close_reason}")
+                return pending
+            ident = next(self._ids)
+            try:
+                data = self.conn.send(make(ident))
+            except ProtocolError as exc:
+                pending.resolve(None, f"cannot send: {exc}")
+                return pending
+            self._pending[ident] = pending
+            self._queue.put(data)
+            self.frames_sent += 1
+        return pending
+
+    def _send_reply(self, event: Event) -> None:
+        with self._lock:
+            if self._closed.is_set():
+                return
+            data = self.conn.send(event)
+            self._queue.put(data)
+
+    def close(self, reason: str) -> None:
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self.close_reason = reason
+            self._closed.set()
+            pending, self._pending = self._pending, {}
+            self._queue.put(None)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        for p in pending.values():
+            p.resolve(None, f"link closed: {reason}")
+        if self.on_close is not None:
+            with contextlib.suppress(Exception):
+                self.on_close(self, reason)
+
+    def join(self, timeout: float) -> None:
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def _send_loop(self) -> None:
+        try:
+            while True:
+                data = self._queue.get()
+                if data is None:
+                    return
+                self.sock.sendall(data)
+                self.bytes_sent += len(data)
+        except OSError as exc:
+            self.close(f"send failed: {exc}")
+
+    def _read_loop(self) -> None:
+        try:
+            for _ in itertools.count():
+                ev = self.conn.next_event()
+                if ev is None:
+                    data = self.sock.recv(_RECV)
+                    self.bytes_received += len(data)
+                    self.conn.receive_data(data)
+                    continue
+                if isinstance(ev, ConnectionClosed):
+                    self.close("peer closed the connection")
+                    return
+                self._dispatch(ev)
+        except (OSError, MirrorError) as exc:
+            self.close(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a handler bug: the link dies loudly, nothing half done
+            self.log.exception("%s: reader failed", self.name)
+            self.close(f"internal error: {exc!r}")
+
+    def _dispatch(self, ev: Event) -> None:
+        if isinstance(ev, Ack | Nack | ResyncReply | Pong):
+            with self._lock:
+                pending = self._pending.pop(ev.id, None)
+            if pending is not None:
+                pending.resolve(ev)
+            return
+        if isinstance(ev, Ping):
+            self._send_reply(Pong(ev.id))
+            return
+        if self.handler is None:
+            raise ProtocolError(f"unexpected {type(ev).__name__}")
+        reply = self.handler(ev)
+        if reply is None:
+            raise ProtocolError(f"no answer for {type(ev).__name__}")
+        self._send_reply(reply)
+
+
+def connect(host: str, port: int, conn: Connection, timeout: float) -> socket.socket:
+    """A TCP connection to host:port, authenticated; ChannelError/ProtocolError otherwise."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise ChannelError(f"cannot connect to {host}:{port}: {exc}") from exc
+    try:
+        tune(sock)
+        handshake(sock, conn, timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Listener:
+    """Accepts connections on host:port; ``on_link(sock, conn)`` gets authenticated ones."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        make_conn: Callable[[], Connection],
+        on_link: Callable[[socket.socket, Connection], None],
+        *,
+        handshake_timeout: float = 5.0,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.log = log or logging.getLogger(__name__)
+        self._make_conn = make_conn
+        self._on_link = on_link
+        self._timeout = handshake_timeout
+        self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self._sock.listen(8)
+        self._sock.settimeout(0.2)
+        self.port = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self.rejected = 0
+        self.last_reject = ""
+        self._thread = threading.Thread(target=self._loop, name=f"listen:{port}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, addr = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                time.sleep(0.1)
+                continue
+            threading.Thread(
+                target=self._authenticate, args=(sock, addr), name="auth", daemon=True
+            ).start()
+
+    def _authenticate(self, sock: socket.socket, addr: object) -> None:
+        try:
+            tune(sock)
+            conn = self._make_conn()
+            handshake(sock, conn, self._timeout)
+        except (MirrorError, OSError) as exc:
+            self.rejected += 1
+            self.last_reject = f"{addr}: {exc}"
+            self.log.warning("replication connection from %s refused: %s", addr, exc)
+            sock.close()
+            return
+        if self._stop.is_set():
+            sock.close()
+            return
+        self._on_link(sock, conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        self._thread.join(2.0)
