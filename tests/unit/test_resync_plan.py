@@ -1,0 +1,226 @@
+"""Pure parts of the reintegration (plans, ranges, checksums, body codecs, resync frames) and
+an in-memory source/target pair over two temporary directories (no sockets, no FUSE)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app.mirror import protocol, resync
+from app.mirror.errors import ProtocolError
+from app.mirror.protocol import Connection, Event, Role
+from app.mirror.receiver import Receiver
+from app.mirror.resync import (
+    BLOCK,
+    ActivityLog,
+    Entry,
+    blocks_in,
+    differing,
+    merge_ranges,
+    plan_incremental,
+)
+
+KEY = b"k" * 32
+
+
+def test_merge_ranges_aligns_sorts_and_joins() -> None:
+    assert merge_ranges([(10, 5), (BLOCK * 3, 1), (BLOCK - 1, 2)]) == [
+        (0, 2 * BLOCK),
+        (3 * BLOCK, BLOCK),
+    ]
+    assert merge_ranges([(0, 0)]) == []
+
+
+@given(st.lists(st.tuples(st.integers(0, 1 << 24), st.integers(0, 1 << 20)), max_size=20))
+def test_merge_ranges_covers_every_input(ranges: list[tuple[int, int]]) -> None:
+    merged = merge_ranges(ranges)
+    for (a, b), (c, _) in itertools.pairwise(merged):
+        assert a + b < c  # disjoint, not touching
+    for off, ln in ranges:
+        if ln:
+            assert any(m <= off and off + ln <= m + n for m, n in merged)
+
+
+def test_blocks_in_clips_to_the_file_size() -> None:
+    assert blocks_in([(0, 1 << 62)], 3 * BLOCK + 1) == [0, 1, 2, 3]
+    assert blocks_in([(5 * BLOCK, 10)], 2 * BLOCK) == []
+    assert blocks_in([(BLOCK + 1, 1), (BLOCK, 3)], 10 * BLOCK) == [1]
+
+
+def test_differing_counts_missing_blocks() -> None:
+    a, b = (False, b"a" * 16), (False, b"b" * 16)
+    assert differing([a, a, a], [a, b]) == [1, 2]
+    assert differing([(True, b"z" * 16)], [(False, b"z" * 16)]) == [0]
+
+
+def test_plan_untrusted_or_full_means_compare_everything() -> None:
+    ok = ActivityLog(True)
+    assert plan_incremental(ok, ActivityLog(True, False, "torn"), False).full
+    assert plan_incremental(ActivityLog(True, False, "x"), ActivityLog(False), False).deep == (b"",)
+    assert plan_incremental(ok, ActivityLog(False), True).full
+
+
+def test_plan_unions_both_logs_and_skips_what_a_deep_path_covers() -> None:
+    src = ActivityLog(
+        True, True, "", ((b"d/f", ((0, 10),)), (b"g", ((BLOCK, 1),))), (b"d",), (b"m",)
+    )
+    dst = ActivityLog(
+        True, True, "", ((b"g", ((0, 1),)), (b"h", ((0, 1),))), (b"d/x", b"n/y"), (b"g",)
+    )
+    plan = plan_incremental(src, dst, False)
+    assert not plan.full
+    assert plan.deep == (b"d", b"n/y")
+    assert plan.files == ((b"g", ((0, 2 * BLOCK),)), (b"h", ((0, BLOCK),)))
+    assert plan.meta == (b"m",)
+
+
+def test_codecs_round_trip_and_reject_garbage() -> None:
+    e = Entry(b"n\xff", 0o100644, 1, 2, 3, 4, 5, 1, 9, b"", ((b"user.a", b"v"),))
+    assert resync.decode_entries(resync.encode_entries([e, e])) == [e, e]
+    assert resync.decode_stat(resync.encode_stat(None)) is None
+    log = ActivityLog(True, True, "", ((b"a", ((0, 5),)),), (b"b",), (b"c",))
+    assert resync.decode_log(resync.encode_log(log)) == log
+    sums = [(True, b"x" * 16), (False, b"y" * 16)]
+    assert resync.decode_sums(resync.encode_sums(sums)) == sums
+    for bad in (b"\x00\x00\x00\x05", b"\x00" * 3):
+        with pytest.raises(ProtocolError):
+            resync.decode_entries(bad)
+    with pytest.raises(ProtocolError):
+        resync.decode_log(resync.encode_log(ActivityLog(True, True, "", ((b"../x", ()),))))
+    with pytest.raises(ProtocolError):
+        resync.decode_sums(b"\x02" + b"x" * 16)
+
+
+def _pair() -> tuple[Connection, Connection]:
+    p = Connection(Role.PRIMARY, cluster="c", node="a", key=KEY)
+    s = Connection(Role.SECONDARY, cluster="c", node="b", key=KEY)
+    s.receive_data(p.send(p.hello()))
+    assert isinstance(s.next_event(), protocol.Hello)
+    p.receive_data(s.send(s.hello()))
+    assert isinstance(p.next_event(), protocol.Hello)
+    s.receive_data(p.send(p.auth()))
+    s.next_event()
+    p.receive_data(s.send(s.auth()))
+    p.next_event()
+    return p, s
+
+
+def test_resync_frames_round_trip_and_are_tracked() -> None:
+    p, s = _pair()
+    s.receive_data(p.send(protocol.ResyncQuery(7, resync.QUERY_SUMS, b"a/b", 3, 4)))
+    assert s.next_event() == protocol.ResyncQuery(7, resync.QUERY_SUMS, b"a/b", 3, 4)
+    p.receive_data(s.send(protocol.ResyncReply(7, 0, b"body")))
+    assert p.next_event() == protocol.ResyncReply(7, 0, b"body")
+    s.receive_data(p.send(protocol.ResyncDone(8)))
+    assert s.next_event() == protocol.ResyncDone(8)
+    with pytest.raises(ProtocolError):
+        s.send(protocol.ResyncQuery(9, 1, b"", 0, 0))  # the secondary never asks
+    p.receive_data(protocol.encode_event(protocol.ResyncReply(99, 0, b"")))
+    with pytest.raises(ProtocolError):
+        p.next_event()  # an answer nobody asked for
+
+
+# ---------------------------------------------------------------- in-memory pair
+
+
+class _Done:
+    def __init__(self, ev: Event) -> None:
+        self.ev = ev
+
+    def wait(self, timeout: float) -> Event:
+        return self.ev
+
+
+class MemoryOutlet:
+    """Delivers each frame to the Responder at once, in order; counts data bytes."""
+
+    def __init__(self, responder: resync.Responder) -> None:
+        self.responder = responder
+        self.ids = 0
+        self.data_bytes = 0
+
+    def submit(self, make):  # type: ignore[no-untyped-def]
+        self.ids += 1
+        ev = make(self.ids)
+        if isinstance(ev, protocol.Request) and isinstance(ev.op, resync.ops.Write):
+            self.data_bytes += len(ev.op.data)
+        reply = self.responder.handle(ev)
+        assert reply is not None
+        return _Done(reply)
+
+
+def _tree(root: Path) -> dict[str, tuple[object, ...]]:
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            full = os.path.join(dirpath, name)
+            st_ = os.lstat(full)
+            data = b""
+            if os.path.isfile(full) and not os.path.islink(full):
+                data = Path(full).read_bytes()
+            out[os.path.relpath(full, root)] = (st_.st_mode, st_.st_size, data)
+    return out
+
+
+def _sync(src: Path, dst: Path, full: bool, src_log: ActivityLog | None = None) -> MemoryOutlet:
+    receiver = Receiver(dst)
+    responder = resync.Responder(str(dst), receiver)
+    responder.arm(ActivityLog(False))
+    outlet = MemoryOutlet(responder)
+    outlet.submit(lambda i: protocol.ResyncQuery(i, resync.QUERY_BEGIN, b"", int(full), 0))
+    root = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        rein = resync.Reintegrator(root, threading.Lock(), outlet, resync.RedoSet(), timeout=5)
+        rein.run(plan_incremental(src_log or ActivityLog(True), ActivityLog(False), full))
+        rein.finish(lambda: outlet.submit(lambda i: protocol.ResyncDone(i)))
+    finally:
+        os.close(root)
+        receiver.close()
+        responder.close()
+    assert responder.state == "done"
+    return outlet
+
+
+def test_full_sync_in_memory_copies_only_differing_blocks(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "d").mkdir()
+    (src / "d" / "big").write_bytes(os.urandom(10 * BLOCK))
+    (src / "small").write_bytes(b"hello")
+    os.symlink("d/big", src / "ln")
+    (dst / "extra").mkdir()
+    (dst / "extra" / "junk").write_bytes(b"junk")
+    first = _sync(src, dst, True)
+    assert _tree(src) == _tree(dst)
+    assert first.data_bytes == 10 * BLOCK + 5
+    with open(dst / "d" / "big", "r+b") as f:  # damage two blocks on the target
+        f.seek(3 * BLOCK + 7)
+        f.write(b"XX")
+        f.seek(8 * BLOCK)
+        f.write(b"YY")
+    second = _sync(src, dst, True)
+    assert _tree(src) == _tree(dst)
+    assert second.data_bytes == 2 * BLOCK
+
+
+def test_incremental_sends_only_the_logged_ranges(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    payload = os.urandom(20 * BLOCK)
+    (src / "f").write_bytes(payload)
+    (dst / "f").write_bytes(payload)
+    with open(src / "f", "r+b") as f:
+        f.seek(5 * BLOCK)
+        f.write(b"new" * 100)
+    log = ActivityLog(True, True, "", ((b"f", ((5 * BLOCK, 300),)),))
+    out = _sync(src, dst, False, log)
+    assert (dst / "f").read_bytes() == (src / "f").read_bytes()
+    assert out.data_bytes == BLOCK
