@@ -120,11 +120,10 @@ def test_wrong_key_and_garbage_get_nothing_applied(
         socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
         contextlib.suppress(OSError),
     ):
-        if True:
-            sock.sendall(os.urandom(4096))
-            sock.settimeout(2)
-            while sock.recv(65536):
-                pass
+        sock.sendall(os.urandom(4096))
+        sock.settimeout(2)
+        while sock.recv(65536):
+            pass
     wait_for(lambda: sec.status()["rejected"] >= 2, what="both refused")
     assert not (tmp_path / "s" / "evil").exists()
     assert snapshot(tmp_path / "s") == before
