@@ -380,6 +380,8 @@ class AsyncMirror:
         self._overflows = 0
         self._problems: dict[str, str] = {}
         self._errors = 0
+        self._sent_ops = 0
+        self._sent_bytes = 0
         self._last_error: str | None = None
         self._failed: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self._lag = LagStats()
@@ -476,6 +478,8 @@ class AsyncMirror:
             "pending_paths": len(self._pending),
             "queued_ops": self._queue.qsize(),
             "overflows": self._overflows,
+            "sent_ops": self._sent_ops,
+            "sent_bytes": self._sent_bytes,
             "errors": self._errors,
             "last_error": self._last_error,
             "problems": sorted(self._problems.copy().values()),
@@ -931,6 +935,9 @@ class AsyncMirror:
         except Exception as exc:
             exists = isinstance(exc, ApplyError) and exc.errno == errno.EEXIST
             return None if exists and isinstance(op, ops.Mkdir) else exc
+        self._sent_ops += 1
+        if isinstance(op, ops.Write):
+            self._sent_bytes += len(op.data)
         if isinstance(op, ops.Open | ops.Create):
             bound.add(op.fh)
         elif isinstance(op, ops.Release):

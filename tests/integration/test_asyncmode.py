@@ -43,7 +43,7 @@ class RecordingSink:
 
 def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
     """What a user compares: each path's type, mode, size, content or link target."""
-    tree: dict[str, tuple[object, ...]] = {}
+    tree: dict[str, tuple[object, ...]] = {".": ("root", stat.S_IMODE(root.stat().st_mode))}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             full = Path(dirpath, name)
@@ -157,6 +157,7 @@ def test_workload_leaves_identical_trees(
     # chmod, symlinks, delete, an atomic replace, an excluded file
     os.chmod(src / "big", 0o600)
     os.chmod(src / "renamed", 0o750)
+    os.chmod(src, 0o711)
     os.symlink("big", src / "link")
     os.symlink("/nonexistent/outside", src / "dangling")
     os.unlink(src / "grow")
@@ -204,6 +205,7 @@ def test_overwrite_in_the_middle_sends_only_changed_blocks(
     wait_identical(src, dst)
     am.flush()
     sink.take()
+    sent_before = am.status()["sent_bytes"]
 
     with open(big, "r+b") as f:
         f.seek(20 * BLOCK + 100)
@@ -217,6 +219,9 @@ def test_overwrite_in_the_middle_sends_only_changed_blocks(
     assert sum(len(w.data) for w in writes) == 3 * BLOCK, writes
     assert sorted(w.offset for w in writes) == [20 * BLOCK, 39 * BLOCK]
     assert not any(isinstance(op, ops.Create | ops.Truncate) for op in sent)
+    sent_after = am.status()["sent_bytes"]
+    assert isinstance(sent_before, int) and isinstance(sent_after, int)
+    assert sent_after - sent_before == 3 * BLOCK
 
 
 def test_moves_in_and_out_of_the_tree(tmp_path: Path) -> None:
@@ -275,3 +280,28 @@ def test_queue_overflow_rescans(tmp_path: Path) -> None:
         gate.set()
         am.stop()
         receiver.close()
+
+
+def test_a_file_written_continuously_is_copied_before_it_settles(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    sink = RecordingSink(dst)
+    am = AsyncMirror(src, sink, settle_ms=60_000, max_delay_ms=200)
+    am.start()
+    try:
+        copied = b""
+        with open(src / "log", "ab") as f:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:  # never pauses long enough to settle
+                f.write(b"line\n")
+                f.flush()
+                time.sleep(0.01)
+                if (dst / "log").exists():
+                    copied = (dst / "log").read_bytes()
+                    if copied:
+                        break
+        assert copied and set(copied.split(b"\n")) <= {b"line", b""}
+    finally:
+        am.stop()
+        sink.receiver.close()
