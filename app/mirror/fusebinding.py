@@ -9,9 +9,16 @@ How it works
     ``write()``. Paths are decoded with ``ENCODING``/``ERRORS`` (utf-8, surrogateescape), which
     fusefs.py reverses to get the kernel's exact bytes back.
 
+    The Python side of that boundary is here too: ``fuse_errors`` (the decorator of every
+    operation: only ``OSError`` with a positive errno leaves it), ``rel_path``/``name_str``
+    (libfuse's ``str`` paths to the kernel's bytes, relative to the root, and back) and
+    ``stat_dict``, ``xattr_name`` and ``resolve_times`` (UTIME_NOW/UTIME_OMIT as libfuse
+    passes them).
+
 Exceptions
-    ``serve`` raises ``RuntimeError`` when libfuse cannot mount; errors inside operations are
-    fusefs.py's (``OSError(errno)`` only).
+    ``serve`` raises ``RuntimeError`` when libfuse cannot mount. ``fuse_errors`` answers EIO
+    for anything but a positive-errno ``OSError`` (logged with its traceback) and EINVAL for a
+    ``ValueError`` (an embedded NUL); fusefs.py's docstring has the errno table.
 
 Known limits
     - Relies on mfusepy internals (the ``*_fuse_3`` method names, ``fip.contents``): pin the
@@ -22,7 +29,12 @@ Known limits
 from __future__ import annotations
 
 import ctypes
-from typing import TYPE_CHECKING, Any
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import mfusepy
 
@@ -31,6 +43,82 @@ if TYPE_CHECKING:
 
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+log = logging.getLogger("app.mirror.fusefs")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def fuse_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Let only ``OSError`` with a positive errno leave an operation (see the errno table)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:
+            if isinstance(exc.errno, int) and exc.errno > 0:
+                raise
+            log.exception("%s: OSError without errno, answering EIO", fn.__name__)
+            raise mfusepy.FuseOSError(errno.EIO) from exc
+        except ValueError as exc:  # embedded NUL, or an argument the os module refuses
+            raise mfusepy.FuseOSError(errno.EINVAL) from exc
+        except Exception as exc:
+            log.exception("%s failed, answering EIO", fn.__name__)
+            raise mfusepy.FuseOSError(errno.EIO) from exc
+
+    return wrapper
+
+
+def stat_dict(st: os.stat_result) -> dict[str, int]:
+    return {
+        "st_mode": st.st_mode,
+        "st_ino": st.st_ino,
+        "st_nlink": st.st_nlink,
+        "st_uid": st.st_uid,
+        "st_gid": st.st_gid,
+        "st_rdev": st.st_rdev,
+        "st_size": st.st_size,
+        "st_blocks": st.st_blocks,
+        "st_blksize": st.st_blksize,
+        "st_atime": st.st_atime_ns,
+        "st_mtime": st.st_mtime_ns,
+        "st_ctime": st.st_ctime_ns,
+    }
+
+
+def rel_path(path: str | None) -> bytes:
+    """The kernel's path as bytes relative to the root (``b""`` is the root itself)."""
+    if path is None:
+        raise OSError(errno.ENOENT, "file has no name any more")
+    return path.encode(ENCODING, ERRORS).lstrip(b"/")
+
+
+def name_str(raw: bytes) -> str:
+    return raw.decode(ENCODING, ERRORS)
+
+
+def xattr_name(name: str) -> bytes:
+    raw = name.encode(ENCODING, ERRORS)
+    if raw.startswith(b"system."):
+        raise OSError(errno.EOPNOTSUPP, "system.* attributes are not supported")
+    return raw
+
+
+def resolve_times(atime: int, mtime: int, now: int, st: os.stat_result) -> tuple[int, int]:
+    """Turn UTIME_NOW/UTIME_OMIT (as libfuse passes them: 0 s + special ns) into real values."""
+
+    def one(value: int, current: int) -> int:
+        if value == UTIME_NOW:
+            return now
+        if value == UTIME_OMIT:
+            return current
+        return value
+
+    return one(atime, st.st_atime_ns), one(mtime, st.st_mtime_ns)
 
 
 class _Binding(mfusepy.FUSE):  # type: ignore[misc]
