@@ -67,6 +67,12 @@ class Exclusions:
     def __bool__(self) -> bool:
         return bool(self._compiled)
 
+    @property
+    def has_path_patterns(self) -> bool:
+        """True if a pattern matches whole relative paths: renaming a directory can then change
+        whether the entries below it are excluded (name patterns cannot)."""
+        return any(p.anchored for p in self._compiled)
+
     def __repr__(self) -> str:
         return f"Exclusions({list(self.patterns)!r})"
 

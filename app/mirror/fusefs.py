@@ -32,11 +32,22 @@ How it works
     UTIME_NOW and UTIME_OMIT are resolved here, so ``Utimens`` always carries real values.
     O_SYNC/O_DSYNC handles follow each ``Write`` with an ``Fsync`` op.
 
+    Exclusions (``exclude``, patterns as in exclude.py): a change to an excluded path is made
+    locally only, without ``replicator.apply`` (neither sent nor journaled); a handle opened
+    by an excluded name stays local. Crossing the boundary: a rename from an excluded name to
+    a replicated one sends the file as new (crossing.py: Create + Writes + length, xattrs,
+    times), from a replicated name to an excluded one sends ``Unlink`` of the old name; open
+    write handles of that file follow it (``Open`` / ``Release`` on the peer). A directory, a
+    file with several hard links, an exchange, a hard link with names on both sides, or a
+    directory rename that moves entries below it across (path patterns) fail with EXDEV, as
+    between two filesystems (``mv`` then copies, which replicates correctly).
+
 Errors (the only way out of an operation is ``OSError(errno)``):
     errno from the local system call   passed through unchanged (ENOENT, EEXIST, ENOTEMPTY,
                                        ENOTDIR, EISDIR, EACCES, EPERM, ENOSPC, EDQUOT, EFBIG,
                                        ENODATA, ERANGE, ENXIO for SEEK_DATA/HOLE, EXDEV, ...)
     EBADF      unknown handle number, or a data operation on a handle not opened for writing
+    EXDEV      a link or rename that would cross the exclusion boundary and cannot (above)
     EPERM      mknod of a character or block device (the Mknod op refuses devices)
     EINVAL     rename flags other than RENAME_NOREPLACE/RENAME_EXCHANGE; a name with NUL
     EOPNOTSUPP system.* extended attributes (POSIX ACLs would not be enforced by FUSE)
@@ -71,30 +82,49 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 import mfusepy
 
-from app.mirror import ops
-from app.mirror.fusebinding import ENCODING, ERRORS, MOUNT_OPTIONS, serve
+from app.mirror import crossing, ops
+from app.mirror.exclude import Exclusions
+from app.mirror.fusebinding import (
+    ENCODING,
+    ERRORS,
+    MOUNT_OPTIONS,
+    UTIME_NOW,
+    UTIME_OMIT,
+    fuse_errors,
+    name_str,
+    rel_path,
+    resolve_times,
+    serve,
+    stat_dict,
+    xattr_name,
+)
 from app.mirror.ops import Replicator
 
 # serve and MOUNT_OPTIONS live in fusebinding.py and are re-exported from here.
-__all__ = ["DEFAULT_TIMEOUTS", "MOUNT_OPTIONS", "CacheTimeouts", "MirrorFS", "serve"]
+__all__ = [
+    "DEFAULT_TIMEOUTS",
+    "MOUNT_OPTIONS",
+    "UTIME_NOW",
+    "UTIME_OMIT",
+    "CacheTimeouts",
+    "MirrorFS",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 
-P = ParamSpec("P")
 R = TypeVar("R")
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
-UTIME_NOW = (1 << 30) - 1
-UTIME_OMIT = (1 << 30) - 2
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
 _INODE_LOCKS = 64
 
@@ -144,27 +174,7 @@ class _Handle:
     sync: bool | None  # None: plain; False: O_SYNC (fsync); True: O_DSYNC (fdatasync)
     lock: threading.Lock
     wrote: bool = False
-
-
-def _fuse_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Let only ``OSError`` with a positive errno leave an operation (see the errno table)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except OSError as exc:
-            if isinstance(exc.errno, int) and exc.errno > 0:
-                raise
-            log.exception("%s: OSError without errno, answering EIO", fn.__name__)
-            raise mfusepy.FuseOSError(errno.EIO) from exc
-        except ValueError as exc:  # embedded NUL, or an argument the os module refuses
-            raise mfusepy.FuseOSError(errno.EINVAL) from exc
-        except Exception as exc:
-            log.exception("%s failed, answering EIO", fn.__name__)
-            raise mfusepy.FuseOSError(errno.EIO) from exc
-
-    return wrapper
+    replicated: bool = True  # False: opened by an excluded name, changes stay local
 
 
 def _raise_errno(result: int) -> None:
@@ -181,34 +191,6 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
     return done
 
 
-def _stat_dict(st: os.stat_result) -> dict[str, int]:
-    return {
-        "st_mode": st.st_mode,
-        "st_ino": st.st_ino,
-        "st_nlink": st.st_nlink,
-        "st_uid": st.st_uid,
-        "st_gid": st.st_gid,
-        "st_rdev": st.st_rdev,
-        "st_size": st.st_size,
-        "st_blocks": st.st_blocks,
-        "st_blksize": st.st_blksize,
-        "st_atime": st.st_atime_ns,
-        "st_mtime": st.st_mtime_ns,
-        "st_ctime": st.st_ctime_ns,
-    }
-
-
-def _rel(path: str | None) -> bytes:
-    """The kernel's path as bytes relative to the root (``b""`` is the root itself)."""
-    if path is None:
-        raise OSError(errno.ENOENT, "file has no name any more")
-    return path.encode(ENCODING, ERRORS).lstrip(b"/")
-
-
-def _name(raw: bytes) -> str:
-    return raw.decode(ENCODING, ERRORS)
-
-
 class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
     """Pass-through filesystem over ``root_fd`` that replicates every change via ``replicator``."""
 
@@ -220,8 +202,10 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         replicator: Replicator,
         *,
         timeouts: CacheTimeouts = DEFAULT_TIMEOUTS,
+        exclude: Sequence[str] = (),
     ) -> None:
         self._root = root_fd
+        self._exclusions = Exclusions(exclude)
         self._proc_root = f"/proc/self/fd/{root_fd}".encode()
         self._replicator = replicator
         self.timeouts = timeouts
@@ -244,10 +228,27 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
             raise OSError(errno.EBADF, "handle not open for writing")
         return handle
 
-    def _new_handle(self, fd: int, flags: int, writable: bool) -> int:
+    def _new_handle(self, fd: int, flags: int, writable: bool, replicated: bool = True) -> int:
         fh = self._reserve_fh()
-        self._register(fh, fd, flags, writable)
+        self._register(fh, fd, flags, writable, replicated)
         return fh
+
+    def _excluded(self, rel: bytes, is_dir: bool | None = None) -> bool:
+        """Whether changes to ``rel`` stay local (``is_dir`` None: look at what is there)."""
+        if not self._exclusions or not rel:
+            return False
+        if is_dir is None:
+            try:
+                st = os.stat(rel, dir_fd=self._root, follow_symlinks=False)
+            except OSError:
+                is_dir = False
+            else:
+                is_dir = stat.S_ISDIR(st.st_mode)
+        return self._exclusions.excluded(rel, is_dir)
+
+    def _change(self, replicated: bool, op: ops.Op, local: Callable[[], R]) -> R:
+        """Run ``local``; through the replicator (journal, peer) only when ``replicated``."""
+        return self._replicator.apply(op, local) if replicated else local()
 
     def _reserve_fh(self) -> int:
         with self._table_lock:
@@ -279,17 +280,17 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
 
     # -- reads (local only) --------------------------------------------------------------
 
-    @_fuse_errors
+    @fuse_errors
     def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
         handle = self._handles.get(fh) if fh else None
         if handle is not None:
-            return _stat_dict(os.fstat(handle.fd))
-        rel = _rel(path)
-        return _stat_dict(os.stat(self._at(rel), dir_fd=self._root, follow_symlinks=False))
+            return stat_dict(os.fstat(handle.fd))
+        rel = rel_path(path)
+        return stat_dict(os.stat(self._at(rel), dir_fd=self._root, follow_symlinks=False))
 
-    @_fuse_errors
+    @fuse_errors
     def readdir(self, path: str | None, fh: int) -> list[str | tuple[str, dict[str, int], int]]:
-        rel = _rel(path)
+        rel = rel_path(path)
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         dfd = os.open(self._at(rel), flags, dir_fd=self._root)
         entries: list[str | tuple[str, dict[str, int], int]] = [".", ".."]
@@ -309,38 +310,38 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
             os.close(dfd)
         return entries
 
-    @_fuse_errors
+    @fuse_errors
     def readlink(self, path: str | None) -> str:
-        return _name(os.readlink(_rel(path), dir_fd=self._root))
+        return name_str(os.readlink(rel_path(path), dir_fd=self._root))
 
-    @_fuse_errors
+    @fuse_errors
     def statfs(self, path: str | None) -> dict[str, int]:
         sv = os.statvfs(self._root)
         return {key: int(getattr(sv, key)) for key in _STATVFS_KEYS}
 
-    @_fuse_errors
+    @fuse_errors
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
         return os.pread(self._handle(fh).fd, size, offset)
 
-    @_fuse_errors
+    @fuse_errors
     def lseek(self, path: str | None, offset: int, whence: int, fh: int) -> int:
         return os.lseek(self._handle(fh).fd, offset, whence)
 
-    @_fuse_errors
+    @fuse_errors
     def getxattr(self, path: str | None, name: str, position: int = 0) -> bytes:
-        target, follow = self._xattr_path(_rel(path))
+        target, follow = self._xattr_path(rel_path(path))
         return os.getxattr(target, name.encode(ENCODING, ERRORS), follow_symlinks=follow)
 
-    @_fuse_errors
+    @fuse_errors
     def listxattr(self, path: str | None) -> list[str]:
-        target, follow = self._xattr_path(_rel(path))
+        target, follow = self._xattr_path(rel_path(path))
         return os.listxattr(target, follow_symlinks=follow)
 
     # -- handles -------------------------------------------------------------------------
 
-    @_fuse_errors
+    @fuse_errors
     def open(self, path: str | None, flags: int) -> int:
-        rel = _rel(path)
+        rel = rel_path(path)
         accmode = flags & os.O_ACCMODE
         writable = accmode != os.O_RDONLY or bool(flags & os.O_TRUNC)
         sync_bits = flags & (os.O_SYNC | os.O_DSYNC)
@@ -348,6 +349,15 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         if not writable:
             fd = os.open(rel, os.O_RDONLY | base, dir_fd=self._root)
             return self._new_handle(fd, flags, writable=False)
+        if self._excluded(rel, is_dir=False):
+            fd = os.open(rel, os.O_RDWR | base, dir_fd=self._root)
+            try:
+                if flags & os.O_TRUNC:
+                    os.ftruncate(fd, 0)
+                return self._new_handle(fd, flags, writable=True, replicated=False)
+            except BaseException:
+                os.close(fd)
+                raise
         fh = self._reserve_fh()
 
         def local_open() -> int:
@@ -367,7 +377,9 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
                 handle.wrote = True
         return fh
 
-    def _register(self, fh: int, fd: int, flags: int, writable: bool = True) -> None:
+    def _register(
+        self, fh: int, fd: int, flags: int, writable: bool = True, replicated: bool = True
+    ) -> None:
         sync: bool | None = None
         if (flags & os.O_SYNC) == os.O_SYNC:
             sync = False
@@ -379,45 +391,49 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
             writable=writable,
             append=bool(flags & os.O_APPEND),
             sync=sync,
-            lock=self._inode_locks[ino % _INODE_LOCKS],
+            lock=self._inode_lock(ino),
+            replicated=replicated,
         )
         with self._table_lock:
             self._handles[fh] = handle
 
-    @_fuse_errors
+    def _inode_lock(self, ino: int) -> threading.Lock:
+        return self._inode_locks[ino % _INODE_LOCKS]
+
+    @fuse_errors
     def create(self, path: str | None, mode: int, flags: int) -> int:
-        rel = _rel(path)
+        rel = rel_path(path)
         uid, gid, _setgid = self._creator(rel)
         perm = stat.S_IMODE(mode)
         excl = bool(flags & os.O_EXCL)
         sync_bits = flags & (os.O_SYNC | os.O_DSYNC)
         base = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | sync_bits
         fh = self._reserve_fh()
+        replicated = not self._excluded(rel, is_dir=False)
 
         def local_create() -> int:
             fd = os.open(rel, base | os.O_CREAT | os.O_EXCL, perm, dir_fd=self._root)
             try:
                 os.fchown(fd, uid, gid)
                 os.fchmod(fd, perm)
-                self._register(fh, fd, flags)
+                self._register(fh, fd, flags, replicated=replicated)
             except BaseException:
                 os.close(fd)
                 raise
             return fd
 
         try:
-            self._replicator.apply(ops.Create(fh, rel, perm, uid, gid, excl), local_create)
+            self._change(replicated, ops.Create(fh, rel, perm, uid, gid, excl), local_create)
         except FileExistsError:
             if excl:
                 raise
             # Created by someone else between the kernel's lookup and us: open it instead.
             fh_open = self.open(path, flags & ~(os.O_CREAT | os.O_EXCL))
             return fh_open
-        if flags & os.O_TRUNC:
-            self._handles[fh].wrote = True
+        self._handles[fh].wrote = True  # new file: replicate its times on release
         return fh
 
-    @_fuse_errors
+    @fuse_errors
     def release(self, path: str | None, fh: int) -> int:
         handle = self._handle(fh)
 
@@ -426,12 +442,12 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
                 self._handles.pop(fh, None)
             os.close(handle.fd)
 
-        if not handle.writable:
+        if not handle.writable or not handle.replicated:
             local_close()
             return 0
         if handle.wrote and path is not None:
             try:
-                self._sync_times(_rel(path), handle.fd)
+                self._sync_times(rel_path(path), handle.fd)
             except OSError:
                 log.warning("could not replicate the times of %r on release", path)
         self._replicator.apply(ops.Release(fh), local_close)
@@ -439,37 +455,41 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
 
     # -- data ----------------------------------------------------------------------------
 
-    @_fuse_errors
+    @fuse_errors
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
         return self.write_at(path, data, offset, fh, writepage=False)
 
-    @_fuse_errors
+    @fuse_errors
     def write_at(self, path: str | None, data: bytes, offset: int, fh: int, writepage: bool) -> int:
         """``write``, knowing whether it is the kernel writing back mmap'ed pages."""
         handle = self._writable(fh)
         with handle.lock:
             if handle.append and not writepage:
                 offset = os.fstat(handle.fd).st_size
-            self._replicator.apply(
-                ops.Write(fh, offset, data), lambda: _pwrite_all(handle.fd, data, offset)
+            self._change(
+                handle.replicated,
+                ops.Write(fh, offset, data),
+                lambda: _pwrite_all(handle.fd, data, offset),
             )
             handle.wrote = True
-            if handle.sync is not None:
+            if handle.sync is not None and handle.replicated:
                 self._replicator.apply(ops.Fsync(fh, b"", handle.sync), lambda: None)
         return len(data)
 
-    @_fuse_errors
+    @fuse_errors
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         handle = self._handles.get(fh) if fh else None
         if handle is not None and handle.writable:
-            rel = b"" if path is None else _rel(path)
+            rel = b"" if path is None else rel_path(path)
             with handle.lock:
-                self._replicator.apply(
-                    ops.Truncate(fh or -1, rel, length), lambda: os.ftruncate(handle.fd, length)
+                self._change(
+                    handle.replicated,
+                    ops.Truncate(fh or -1, rel, length),
+                    lambda: os.ftruncate(handle.fd, length),
                 )
                 handle.wrote = True
             return 0
-        rel = _rel(path)
+        rel = rel_path(path)
 
         def local() -> None:
             fd = os.open(rel, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._root)
@@ -478,38 +498,42 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
             finally:
                 os.close(fd)
 
+        if self._excluded(rel, is_dir=False):
+            local()
+            return 0
         self._replicator.apply(ops.Truncate(-1, rel, length), local)
         self._sync_times(rel)
         return 0
 
-    @_fuse_errors
+    @fuse_errors
     def fallocate(self, path: str | None, mode: int, offset: int, length: int, fh: int) -> int:
         handle = self._writable(fh)
         with handle.lock:
-            self._replicator.apply(
+            self._change(
+                handle.replicated,
                 ops.Fallocate(fh, mode, offset, length),
                 lambda: _raise_errno(_fallocate(handle.fd, mode, offset, length)),
             )
             handle.wrote = True
         return 0
 
-    @_fuse_errors
+    @fuse_errors
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
         handle = self._handle(fh)
         sync = os.fdatasync if datasync else os.fsync
-        if handle.writable:
+        if handle.writable and handle.replicated:
             op = ops.Fsync(fh, b"", bool(datasync))
-        elif path is None:  # read-only handle of an unlinked file: nothing to sync on the peer
-            sync(handle.fd)
+        elif handle.writable or path is None or self._excluded(rel_path(path), is_dir=False):
+            sync(handle.fd)  # excluded, or a read-only handle of an unlinked file: local only
             return 0
         else:
-            op = ops.Fsync(-1, _rel(path), bool(datasync))
+            op = ops.Fsync(-1, rel_path(path), bool(datasync))
         self._replicator.apply(op, lambda: sync(handle.fd))
         return 0
 
-    @_fuse_errors
+    @fuse_errors
     def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
-        rel = _rel(path)
+        rel = rel_path(path)
 
         def local() -> None:
             flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -519,14 +543,14 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
             finally:
                 os.close(dfd)
 
-        self._replicator.apply(ops.Fsync(-1, rel, bool(datasync)), local)
+        self._change(not self._excluded(rel, True), ops.Fsync(-1, rel, bool(datasync)), local)
         return 0
 
     # -- namespace -----------------------------------------------------------------------
 
-    @_fuse_errors
+    @fuse_errors
     def mknod(self, path: str | None, mode: int, dev: int) -> int:
-        rel = _rel(path)
+        rel = rel_path(path)
         kind = stat.S_IFMT(mode)
         if kind in (stat.S_IFCHR, stat.S_IFBLK):
             raise OSError(errno.EPERM, "device nodes are not replicated")
@@ -538,12 +562,12 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
             os.chown(rel, uid, gid, dir_fd=self._root, follow_symlinks=False)
             os.chmod(rel, perm, dir_fd=self._root, follow_symlinks=False)
 
-        self._replicator.apply(ops.Mknod(rel, kind | perm, uid, gid), local)
+        self._change(not self._excluded(rel, False), ops.Mknod(rel, kind | perm, uid, gid), local)
         return 0
 
-    @_fuse_errors
+    @fuse_errors
     def mkdir(self, path: str | None, mode: int) -> int:
-        rel = _rel(path)
+        rel = rel_path(path)
         uid, gid, setgid = self._creator(rel)
         perm = stat.S_IMODE(mode) | (stat.S_ISGID if setgid else 0)
 
@@ -552,25 +576,27 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
             os.chown(rel, uid, gid, dir_fd=self._root, follow_symlinks=False)
             os.chmod(rel, perm, dir_fd=self._root, follow_symlinks=False)
 
-        self._replicator.apply(ops.Mkdir(rel, perm, uid, gid), local)
+        self._change(not self._excluded(rel, True), ops.Mkdir(rel, perm, uid, gid), local)
         return 0
 
-    @_fuse_errors
+    @fuse_errors
     def unlink(self, path: str | None) -> int:
-        rel = _rel(path)
-        self._replicator.apply(ops.Unlink(rel), lambda: os.unlink(rel, dir_fd=self._root))
+        rel = rel_path(path)
+        unlink = functools.partial(os.unlink, rel, dir_fd=self._root)
+        self._change(not self._excluded(rel, False), ops.Unlink(rel), unlink)
         return 0
 
-    @_fuse_errors
+    @fuse_errors
     def rmdir(self, path: str | None) -> int:
-        rel = _rel(path)
-        self._replicator.apply(ops.Rmdir(rel), lambda: os.rmdir(rel, dir_fd=self._root))
+        rel = rel_path(path)
+        rmdir = functools.partial(os.rmdir, rel, dir_fd=self._root)
+        self._change(not self._excluded(rel, True), ops.Rmdir(rel), rmdir)
         return 0
 
-    @_fuse_errors
+    @fuse_errors
     def symlink(self, target: str | None, source: str) -> int:
         """mfusepy's naming: ``target`` is the new link's path, ``source`` its content."""
-        rel = _rel(target)
+        rel = rel_path(target)
         content = source.encode(ENCODING, ERRORS)
         uid, gid, _setgid = self._creator(rel)
 
@@ -578,14 +604,14 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
             os.symlink(content, rel, dir_fd=self._root)
             os.chown(rel, uid, gid, dir_fd=self._root, follow_symlinks=False)
 
-        self._replicator.apply(ops.Symlink(content, rel, uid, gid), local)
+        self._change(not self._excluded(rel, False), ops.Symlink(content, rel, uid, gid), local)
         return 0
 
-    @_fuse_errors
+    @fuse_errors
     def rename(self, old: str | None, new: str | None, flags: int = 0) -> int:
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise OSError(errno.EINVAL, "unsupported rename flags")
-        src, dst = _rel(old), _rel(new)
+        src, dst = rel_path(old), rel_path(new)
 
         def local() -> None:
             if flags:
@@ -593,13 +619,55 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
             else:
                 os.rename(src, dst, src_dir_fd=self._root, dst_dir_fd=self._root)
 
-        self._replicator.apply(ops.Rename(src, dst, flags), local)
+        if not self._exclusions:
+            self._replicator.apply(ops.Rename(src, dst, flags), local)
+            return 0
+        st = os.stat(src, dir_fd=self._root, follow_symlinks=False)
+        sides = {self._exclusions.excluded(p, stat.S_ISDIR(st.st_mode)) for p in (src, dst)}
+        if flags & RENAME_EXCHANGE:
+            other = os.stat(dst, dir_fd=self._root, follow_symlinks=False)
+            sides |= {self._exclusions.excluded(p, stat.S_ISDIR(other.st_mode)) for p in (src, dst)}
+        if sides == {True}:
+            local()
+        elif sides == {False}:
+            if crossing.entries_below_cross(self._exclusions, self._root, src, dst, st, flags):
+                raise OSError(errno.EXDEV, "entries below would cross the exclusion boundary")
+            self._replicator.apply(ops.Rename(src, dst, flags), local)
+        else:
+            crossing.check_can_cross(st, flags)
+            with self._inode_lock(st.st_ino):
+                fh = self._reserve_fh()
+                now = crossing.rename_across(
+                    self._replicator, self._root, self._exclusions, src, dst, st, flags, local, fh
+                )
+                self._follow_name(st, replicated=now, rel=dst)
         return 0
 
-    @_fuse_errors
+    def _follow_name(self, st: os.stat_result, *, replicated: bool, rel: bytes) -> None:
+        """Open write handles of the renamed file follow its new name across the boundary:
+        bound on the peer (``Open``) when it becomes replicated, released there when not.
+        The caller holds the file's inode lock, so no write through them is in flight."""
+        with self._table_lock:
+            handles = [(fh, h) for fh, h in self._handles.items() if h.writable]
+        for fh, handle in handles:
+            if handle.replicated == replicated:
+                continue
+            hst = os.fstat(handle.fd)
+            if (hst.st_ino, hst.st_dev) != (st.st_ino, st.st_dev):
+                continue
+            if replicated:
+                self._replicator.apply(ops.Open(fh, rel), _nothing)
+            else:
+                self._replicator.apply(ops.Release(fh), _nothing)
+            handle.replicated = replicated
+
+    @fuse_errors
     def link(self, target: str | None, source: str | None) -> int:
         """mfusepy's naming: ``target`` is the new name, ``source`` the existing file."""
-        new, existing = _rel(target), _rel(source)
+        new, existing = rel_path(target), rel_path(source)
+        replicated = not self._excluded(new, False)
+        if replicated == self._excluded(existing, False):
+            raise OSError(errno.EXDEV, "hard links do not cross the exclusion boundary")
 
         def local() -> None:
             os.link(
@@ -610,7 +678,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
                 follow_symlinks=False,
             )
 
-        self._replicator.apply(ops.Link(existing, new), local)
+        self._change(replicated, ops.Link(existing, new), local)
         return 0
 
     # -- attributes ----------------------------------------------------------------------
@@ -621,34 +689,36 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
             return self._handle(fh)
         return None
 
-    @_fuse_errors
+    @fuse_errors
     def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
         perm = stat.S_IMODE(mode)
         handle = self._nameless(path, fh)
         if handle is not None:
             os.fchmod(handle.fd, perm)
             return 0
-        rel = _rel(path)
-        self._replicator.apply(
+        rel = rel_path(path)
+        self._change(
+            not self._excluded(rel),
             ops.Chmod(rel, perm),
             lambda: os.chmod(self._at(rel), perm, dir_fd=self._root, follow_symlinks=False),
         )
         return 0
 
-    @_fuse_errors
+    @fuse_errors
     def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> int:
         handle = self._nameless(path, fh)
         if handle is not None:
             os.fchown(handle.fd, uid, gid)
             return 0
-        rel = _rel(path)
-        self._replicator.apply(
+        rel = rel_path(path)
+        self._change(
+            not self._excluded(rel),
             ops.Chown(rel, uid, gid),
             lambda: os.chown(self._at(rel), uid, gid, dir_fd=self._root, follow_symlinks=False),
         )
         return 0
 
-    @_fuse_errors
+    @fuse_errors
     def utimens(
         self, path: str | None, times: tuple[int, int] | None = None, fh: int | None = None
     ) -> int:
@@ -657,37 +727,40 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         if handle is not None:
             now = time.time_ns()
             st = os.fstat(handle.fd)
-            os.utime(handle.fd, ns=_resolve_times(atime, mtime, now, st))
+            os.utime(handle.fd, ns=resolve_times(atime, mtime, now, st))
             return 0
-        rel = _rel(path)
+        rel = rel_path(path)
         at = self._at(rel)
         st = os.stat(at, dir_fd=self._root, follow_symlinks=False)
-        a_ns, m_ns = _resolve_times(atime, mtime, time.time_ns(), st)
-        self._replicator.apply(
+        a_ns, m_ns = resolve_times(atime, mtime, time.time_ns(), st)
+        self._change(
+            not self._exclusions.excluded(rel, stat.S_ISDIR(st.st_mode)),
             ops.Utimens(rel, a_ns, m_ns),
             lambda: os.utime(at, ns=(a_ns, m_ns), dir_fd=self._root, follow_symlinks=False),
         )
         return 0
 
-    @_fuse_errors
+    @fuse_errors
     def setxattr(
         self, path: str | None, name: str, value: bytes, options: int, position: int = 0
     ) -> int:
-        rel = _rel(path)
-        raw = _xattr_name(name)
+        rel = rel_path(path)
+        raw = xattr_name(name)
         target, follow = self._xattr_path(rel)
-        self._replicator.apply(
+        self._change(
+            not self._excluded(rel),
             ops.SetXattr(rel, raw, value, options),
             lambda: os.setxattr(target, raw, value, options, follow_symlinks=follow),
         )
         return 0
 
-    @_fuse_errors
+    @fuse_errors
     def removexattr(self, path: str | None, name: str) -> int:
-        rel = _rel(path)
-        raw = _xattr_name(name)
+        rel = rel_path(path)
+        raw = xattr_name(name)
         target, follow = self._xattr_path(rel)
-        self._replicator.apply(
+        self._change(
+            not self._excluded(rel),
             ops.RemoveXattr(rel, raw),
             lambda: os.removexattr(target, raw, follow_symlinks=follow),
         )
@@ -721,21 +794,5 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
                 pass
 
 
-def _xattr_name(name: str) -> bytes:
-    raw = name.encode(ENCODING, ERRORS)
-    if raw.startswith(b"system."):
-        raise OSError(errno.EOPNOTSUPP, "system.* attributes are not supported")
-    return raw
-
-
-def _resolve_times(atime: int, mtime: int, now: int, st: os.stat_result) -> tuple[int, int]:
-    """Turn UTIME_NOW/UTIME_OMIT (as libfuse passes them: 0 s + special ns) into real values."""
-
-    def one(value: int, current: int) -> int:
-        if value == UTIME_NOW:
-            return now
-        if value == UTIME_OMIT:
-            return current
-        return value
-
-    return one(atime, st.st_atime_ns), one(mtime, st.st_mtime_ns)
+def _nothing() -> None:
+    """The local step of an op whose local change is already made."""

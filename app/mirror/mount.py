@@ -11,6 +11,7 @@ How it works
     loop to end, aborts the FUSE connection (/sys/fs/fuse/connections/N/abort) if processes
     still hold files in the detached tree, then closes the directory handle. ``start``/``stop``
     are idempotent; the object is a context manager (start + wait_ready, then stop).
+    ``exclude`` (the directory's exclude patterns, see exclude.py) is handed to ``MirrorFS``.
 
     ``clean_stale_mount(path)`` unmounts FUSE mounts at ``path`` whose daemon is gone
     ("transport endpoint is not connected"); ``fuse_mounts(path)`` lists them.
@@ -39,6 +40,7 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -175,12 +177,14 @@ class MirrorMount:
         replicator: Replicator,
         *,
         timeouts: CacheTimeouts = DEFAULT_TIMEOUTS,
+        exclude: Sequence[str] = (),
         ready_timeout: float = 10.0,
         stop_timeout: float = 10.0,
     ) -> None:
         self.path = os.fsdecode(_canonical(path))
         self._replicator = replicator
         self._timeouts = timeouts
+        self._exclude = tuple(exclude)
         self._ready_timeout = ready_timeout
         self._stop_timeout = stop_timeout
         self._lock = threading.Lock()
@@ -206,7 +210,9 @@ class MirrorMount:
             self._device = None
             flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
             self._root_fd = os.open(self.path, flags)
-            self._fs = MirrorFS(self._root_fd, self._replicator, timeouts=self._timeouts)
+            self._fs = MirrorFS(
+                self._root_fd, self._replicator, timeouts=self._timeouts, exclude=self._exclude
+            )
             self._error = None
             self._thread = threading.Thread(
                 target=self._serve, args=(self._fs,), name=f"fuse:{self.path}", daemon=True

@@ -17,6 +17,7 @@ import io
 import mmap
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import stat
@@ -997,3 +998,196 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# -- exclusions --------------------------------------------------------------------------------
+
+EXCLUDE = ("*.tmp", "cache/")
+
+
+@pytest.fixture
+def excl(tmp_path: Path, mount_factory: Callable[..., Any]) -> Iterator[Mirror]:
+    """A mirror whose mount excludes ``EXCLUDE`` (as examples/lab.toml)."""
+    real = tmp_path / "data"
+    shadow_dir = tmp_path / "shadow"
+    real.mkdir()
+    shadow_dir.mkdir()
+    real_fd = os.open(real, os.O_PATH | os.O_DIRECTORY)
+    shadow = Shadow(str(shadow_dir))
+    rec = Recorder(shadow)
+    try:
+        mount = mount_factory(str(real), rec, exclude=EXCLUDE)
+        yield Mirror(str(real), real_fd, str(shadow_dir), shadow, rec, mount)
+        mount.stop()
+    finally:
+        shadow.close()
+        os.close(real_fd)
+
+
+def assert_identical_but_excluded(m: Mirror) -> None:
+    """The shadow equals the real tree minus its excluded entries."""
+    from app.mirror.exclude import Exclusions
+
+    ex = Exclusions(EXCLUDE)
+    m.rec.settle()
+    real = snapshot(m.real_fd)
+    kept = {
+        k: v
+        for k, v in real.items()
+        if k in (b".", b"<hard links>") or not ex.excluded(k, v[0] == stat.S_IFDIR)
+    }
+    groups = (tuple(p for p in g if not ex.excluded(p, False)) for g in real[b"<hard links>"])
+    kept[b"<hard links>"] = tuple(sorted(g for g in groups if len(g) > 1))
+    assert kept == snapshot(m.shadow.fd)
+
+
+def _paths(recorded: list[ops.Op]) -> set[bytes]:
+    names = ("path", "old", "new")
+    return {getattr(op, n) for op in recorded for n in names if hasattr(op, n)} | {
+        op.new for op in recorded if isinstance(op, ops.Link)
+    }
+
+
+def test_excluded_files_and_directories_stay_local(excl: Mirror) -> None:
+    os.mkdir(excl.p("sub"))
+    write_file(excl.p("sub", "work.tmp"), b"scratch")
+    os.truncate(excl.p("sub", "work.tmp"), 3)
+    os.chmod(excl.p("sub", "work.tmp"), 0o600)
+    os.setxattr(excl.p("sub", "work.tmp"), b"user.k", b"v")
+    os.rename(excl.p("sub", "work.tmp"), excl.p("sub", "other.tmp"))
+    os.mkdir(excl.p("cache"))
+    os.mkdir(excl.p("sub", "cache"))
+    os.makedirs(excl.p("cache", "deep", "er"))
+    write_file(excl.p("cache", "deep", "page.html"), b"<p>")
+    os.symlink(b"page.html", excl.p("cache", "deep", "link"))
+    fd = os.open(excl.p("sub", "cache", "blob"), os.O_WRONLY | os.O_CREAT | os.O_SYNC, 0o644)
+    os.write(fd, b"x" * 5000)
+    os.fsync(fd)
+    os.close(fd)
+    write_file(excl.p("cache.txt"), b"kept")  # neither *.tmp nor a directory named cache
+    write_file(excl.p("sub", "notes"), b"kept too")
+    os.mkdir(excl.p("keep.d"))
+    write_file(excl.p("keep.d", "cache"), b"a file named cache is replicated")
+    assert read_file(excl.p("sub", "other.tmp")) == b"scr"
+    assert read_file(excl.p("cache", "deep", "page.html")) == b"<p>"
+    sent = _paths(excl.rec.take())
+    assert sent == {b"sub", b"cache.txt", b"sub/notes", b"keep.d", b"keep.d/cache"}
+    assert sorted(os.listdir(excl.shadow_path)) == ["cache.txt", "keep.d", "sub"]
+    assert os.listdir(os.path.join(excl.shadow_path, "sub")) == ["notes"]
+    assert_identical_but_excluded(excl)
+    shutil.rmtree(excl.p("cache"))
+    os.unlink(excl.p("sub", "other.tmp"))
+    assert excl.rec.take() == [], "removing excluded entries sends nothing"
+
+
+def test_rename_from_excluded_to_replicated_sends_the_whole_file(excl: Mirror) -> None:
+    data = os.urandom(70_000)
+    fd = os.open(excl.p("upload.tmp"), os.O_WRONLY | os.O_CREAT, 0o640)
+    os.pwrite(fd, data, 0)
+    os.pwrite(fd, b"end", 3 << 20)  # a hole between the two extents
+    os.close(fd)
+    os.setxattr(excl.p("upload.tmp"), b"user.origin", b"browser")
+    os.utime(excl.p("upload.tmp"), ns=(1_000_000_000, 2_000_000_000))
+    write_file(excl.p("config"), b"old")
+    write_file(excl.p("config.tmp"), b"new config")
+    excl.rec.take()
+    os.rename(excl.p("upload.tmp"), excl.p("upload.bin"))
+    recorded = excl.rec.take()
+    kinds = [type(op) for op in recorded]
+    assert kinds[0] is ops.Create and kinds[-2:] == [ops.SetXattr, ops.Utimens]
+    assert ops.Release in kinds and ops.Truncate in kinds
+    assert b"upload.tmp" not in _paths(recorded)
+    create = recorded[0]
+    assert isinstance(create, ops.Create)
+    assert (create.path, create.mode, create.excl) == (b"upload.bin", 0o640, True)
+    writes = [op for op in recorded if isinstance(op, ops.Write)]
+    assert sum(len(w.data) for w in writes) < 200_000, "the hole is not sent as zeros"
+    last = recorded[-1]
+    assert isinstance(last, ops.Utimens)
+    assert (last.path, last.mtime_ns) == (b"upload.bin", 2_000_000_000)
+    # Replacing a replicated file: the old one is unlinked on the peer first.
+    os.rename(excl.p("config.tmp"), excl.p("config"))
+    recorded = excl.rec.take()
+    assert recorded[0] == ops.Unlink(b"config")
+    assert isinstance(recorded[1], ops.Create) and recorded[1].path == b"config"
+    with open(os.path.join(excl.shadow_path, "config"), "rb") as f:
+        assert f.read() == b"new config"
+    assert_identical_but_excluded(excl)
+
+
+def test_open_handles_follow_their_file_across_the_boundary(excl: Mirror) -> None:
+    fd = os.open(excl.p("log.tmp"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, b"one\n")
+        assert excl.rec.take(settle=False) == []
+        os.rename(excl.p("log.tmp"), excl.p("log"))
+        os.write(fd, b"two\n")  # now replicated through the same handle
+    finally:
+        os.close(fd)
+    recorded = excl.rec.take()
+    create = recorded[0]
+    assert isinstance(create, ops.Create) and create.path == b"log"
+    opened = [op for op in recorded if isinstance(op, ops.Open)]
+    assert [op.path for op in opened] == [b"log"]
+    assert ops.Write(opened[0].fh, 4, b"two\n") in recorded
+    assert read_file(excl.p("log")) == b"one\ntwo\n"
+    assert_identical_but_excluded(excl)
+
+    fd = os.open(excl.p("log"), os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, b"three\n")
+        os.rename(excl.p("log"), excl.p("log.1.tmp"))
+        os.write(fd, b"four\n")  # local only now
+    finally:
+        os.close(fd)
+    recorded = excl.rec.take()
+    assert ops.Unlink(b"log") in recorded
+    after = recorded[recorded.index(ops.Unlink(b"log")) + 1 :]
+    assert [type(op) for op in after] == [ops.Release], "the handle is released on the peer"
+    assert read_file(excl.p("log.1.tmp")) == b"one\ntwo\nthree\nfour\n"
+    assert not os.path.exists(os.path.join(excl.shadow_path, "log"))
+    assert_identical_but_excluded(excl)
+
+
+def test_rename_from_replicated_to_excluded_sends_an_unlink(excl: Mirror) -> None:
+    write_file(excl.p("report"), b"draft")
+    os.symlink(b"report", excl.p("current"))
+    excl.rec.take()
+    os.rename(excl.p("report"), excl.p("report.tmp"))
+    assert excl.rec.take() == [ops.Unlink(b"report")]
+    os.rename(excl.p("current"), excl.p("current.tmp"))
+    assert excl.rec.take() == [ops.Unlink(b"current")]
+    os.rename(excl.p("current.tmp"), excl.p("current"))  # a symlink comes back as a Symlink
+    recorded = excl.rec.take()
+    assert recorded[0] == ops.Symlink(b"report", b"current", 0, 0)
+    assert read_file(excl.p("report.tmp")) == b"draft"
+    assert_identical_but_excluded(excl)
+
+
+def test_links_and_directories_do_not_cross_the_boundary(excl: Mirror) -> None:
+    write_file(excl.p("a.tmp"), b"a")
+    write_file(excl.p("b"), b"b")
+    os.mkdir(excl.p("cache"))
+    os.mkdir(excl.p("dir"))
+    write_file(excl.p("dir", "f"), b"f")
+    excl.rec.take()
+    crossing = [
+        lambda: os.link(excl.p("a.tmp"), excl.p("a")),
+        lambda: os.link(excl.p("b"), excl.p("b.tmp")),
+        lambda: os.rename(excl.p("cache"), excl.p("kept")),
+        lambda: os.rename(excl.p("dir"), excl.p("dir.tmp")),
+        lambda: renameat2(AT_FDCWD, excl.p("a.tmp"), AT_FDCWD, excl.p("b"), RENAME_EXCHANGE),
+    ]
+    for call in crossing:
+        with pytest.raises(OSError) as info:
+            call()
+        assert info.value.errno == errno.EXDEV
+    os.link(excl.p("b"), excl.p("b2"))
+    with pytest.raises(OSError) as info:
+        os.rename(excl.p("b2"), excl.p("b2.tmp"))  # one inode, names on both sides: refused
+    assert info.value.errno == errno.EXDEV
+    os.link(excl.p("a.tmp"), excl.p("a2.tmp"))  # on one side each: fine
+    os.rename(excl.p("dir"), excl.p("dir2"))
+    assert excl.rec.take() == [ops.Link(b"b", b"b2"), ops.Rename(b"dir", b"dir2", 0)]
+    assert sorted(os.listdir(excl.root)) == ["a.tmp", "a2.tmp", "b", "b2", "cache", "dir2"]
+    assert_identical_but_excluded(excl)

@@ -80,6 +80,12 @@ def test_names_that_are_not_utf8_and_wildcards() -> None:
     assert not ex.excluded(b"x2024.log", False)
 
 
+def test_only_path_patterns_make_directory_renames_matter() -> None:
+    assert not Exclusions(["*.tmp", "cache/"]).has_path_patterns
+    assert Exclusions(["*.tmp", "logs/*.gz"]).has_path_patterns
+    assert Exclusions(["var/cache/"]).has_path_patterns
+
+
 def test_matching_is_case_sensitive() -> None:
     ex = Exclusions(["*.TMP"])
     assert ex.excluded(b"A.TMP", False)
