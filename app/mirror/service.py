@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fnmatch
 import hashlib
 import logging
 import os
@@ -53,12 +52,14 @@ from typing import Any, Literal, TypeVar
 from app.mirror import ops, resync
 from app.mirror.channel import Link, Listener, Pending, connect
 from app.mirror.errors import ChannelError, MirrorError, ResyncError
+from app.mirror.exclude import Exclusions
 from app.mirror.journal import (
     DirtyJournal,
     JournalCorrupt,
     JournalError,
     JournalNotFound,
 )
+from app.mirror.mount import clean_stale_mount
 from app.mirror.protocol import (
     Connection,
     Event,
@@ -139,15 +140,17 @@ def activity_log(journal: DirtyJournal | None, degraded: bool = False) -> resync
 
 
 class _Excluder:
+    """The directory's exclusions (the FUSE layer's own rules, app/mirror/exclude.py), for the
+    ops and resync paths; a directory pattern ("cache/") excludes what is below it."""
+
     def __init__(self, patterns: Sequence[str]) -> None:
         self.patterns = tuple(patterns)
+        self.rules = Exclusions(self.patterns)
 
     def __call__(self, path: bytes) -> bool:
         if not self.patterns or not path:
             return False
-        text = os.fsdecode(path)
-        name = text.rpartition("/")[2]
-        return any(fnmatch.fnmatch(text, p) or fnmatch.fnmatch(name, p) for p in self.patterns)
+        return self.rules.excluded(path, is_dir=False)
 
 
 class _DirPrimary:
@@ -473,8 +476,9 @@ class MirrorService:
                     d = _DirPrimary(self, i, path, _Excluder(excludes))
                     self._prim.append(d)
                     d.journal = load_journal(journal_dir(self.state_dir, i, path), generation)
+                    clean_stale_mount(path)  # left by a daemon that died as primary
                     d.root_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                    d.mount = MirrorMount(path, d)
+                    d.mount = MirrorMount(path, d, exclude=excludes)
                     d.mount.start()
                     d.mount.wait_ready(10.0)
                 for d in self._prim:
@@ -525,8 +529,12 @@ class MirrorService:
                 return
             if self.role == "primary":
                 self._stop_primary()
-            self.role = "secondary"
+            # A daemon that died as primary leaves a dead FUSE mount over the directory
+            # ("transport endpoint is not connected"): the receiver works on the real one.
+            for path, _ in self.dirs:
+                clean_stale_mount(path)
             self._sec = [_DirSecondary(i, p) for i, (p, _) in enumerate(self.dirs)]
+            self.role = "secondary"
 
             def make_conn() -> Connection:
                 return Connection(Role.SECONDARY, cluster=self.cluster, node=self.node,
