@@ -1,8 +1,8 @@
 """The cluster in the lab: two real daemons in network namespaces, real VIP, real kills.
 
-Each test builds its own lab and cluster (fresh state directories) and tears both down, even
-when it fails. The module has no replicated directory here (replication has its own lab tests):
-what is checked is who is primary, who holds the VIP and who answers on it.
+Each test builds its own lab and cluster (fresh state directories, the replicated directory
+/srv/mirrorha/data mirrored) and tears both down, even when it fails. Replication has its own lab
+tests: here what is checked is who is primary, who holds the VIP and who answers on it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[LabCluster]:
     c: LabCluster | None = None
     try:
         lab.up()
-        c = LabCluster(lab, replicated=False, **opts)
+        c = LabCluster(lab, replicated=True, **opts)
         yield c
     finally:
         if c is not None:
@@ -42,7 +42,7 @@ def test_first_start_then_prim_makes_node1_primary(cluster: LabCluster) -> None:
     for node in ("node1", "node2"):
         cluster.start_node(node)
     for node in ("node1", "node2"):
-        st = cluster.wait_state(node, "WAIT", sub="NotReady", reason_has="run prim")
+        st = cluster.wait_state(node, "WAIT", sub="NotReady", reason_has="first start")
         assert "first start" in st["reason"], st["reason"]
     assert cluster.vip_holders() == set()
     cluster.command_on("node1", "prim")
