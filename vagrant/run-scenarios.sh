@@ -23,7 +23,7 @@ cd "$(dirname "$0")"
 VIP=198.18.1.100
 APP_URL="http://$VIP:8080/"
 DATA=/srv/mirrorha/data
-CLI_OPTS=${MIRRORHA_CLI_OPTS:---config /etc/mirrorha/mirrorha.toml --state-dir /var/lib/mirrorha}
+CLI_OPTS=${MIRRORHA_CLI_OPTS:---state-dir /var/lib/mirrorha}
 # Bounds, in seconds; each can be overridden from the environment.
 SSH_TIMEOUT_S=${SSH_TIMEOUT_S:-60}       # one `vagrant ssh -c` call
 POLL_S=${POLL_S:-2}                      # between two attempts of a wait
