@@ -184,3 +184,41 @@ def test_stale_node_restarted_alone_waits_and_prim_forces_it(cluster: LabCluster
     cluster.command_on("node1", "prim")
     cluster.wait_state("node1", "ALONE", timeout=30)
     assert cluster.vip_holders() == {"node1"}
+
+
+@pytest.mark.parametrize("cluster", [{"failback": "node1"}], indirect=True)
+def test_preferred_node_takes_primary_back_once_up_to_date(cluster: LabCluster) -> None:
+    cluster.first_start()
+    cluster.kill_node("node1")
+    cluster.wait_state("node2", "ALONE", timeout=30)
+    cluster.start_node("node1")
+    cluster.wait_state("node1", "PRIM", timeout=60)
+    cluster.wait_state("node2", "SECOND", timeout=30)
+    assert cluster.vip_holders() == {"node1"}
+
+
+def test_restart_keeps_primary_and_stopstart_fails_over(cluster: LabCluster) -> None:
+    cluster.first_start()
+    before = cluster.app_pid("node1")
+    assert before is not None
+    cluster.command_on("node1", "restart")
+    cluster.wait_for(
+        lambda: cluster.app_pid("node1") not in (None, before), 30, "a new application pid"
+    )
+    assert cluster.state("node1")["state"] == "PRIM"  # type: ignore[index]
+    assert cluster.vip_holders() == {"node1"}
+    cluster.command_on("node1", "stopstart")
+    cluster.wait_state("node2", "PRIM", timeout=60)
+    cluster.wait_state("node1", "SECOND", timeout=60)
+    assert cluster.vip_holders() == {"node2"}
+
+
+def test_failed_start_prim_stops_the_module_instead_of_half_starting(cluster: LabCluster) -> None:
+    cluster.first_start()
+    script = cluster.dir / "scripts" / "start_prim"
+    script.write_text("#!/bin/sh\necho 'the application cannot start' >&2\nexit 3\n")
+    cluster.kill_node("node1")
+    st = cluster.wait_state("node2", "STOP", timeout=60, sub="NotReady")
+    assert "start_prim" in " ".join(e["reason"] for e in st["events"]) or "failed" in st["reason"]
+    assert cluster.vip_holders() == set()
+    assert cluster.app_pid("node2") is None
