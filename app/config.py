@@ -29,17 +29,6 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
-SCRIPT_NAMES = (
-    "prestart",
-    "start_prim",
-    "stop_prim",
-    "start_second",
-    "stop_second",
-    "start_both",
-    "stop_both",
-    "poststop",
-    "transition",
-)
 CHECKER_KINDS = ("tcp", "process", "custom")
 CHECKER_ACTIONS = ("restart", "stopstart", "wait", "swap", "stop")
 MIN_PULSE_MS = 50
