@@ -1,0 +1,547 @@
+#!/usr/bin/env python3
+"""Replication benchmark: local disk, the FUSE layer with no peer, and the replicated mount.
+
+How it works
+    One lab (prefix "mhr-", app/lab.py) is built and three targets are set up side by side:
+
+    - ``local``: a plain directory under the lab's work dir (the same filesystem as the node
+      directories behind /srv/mirrorha/data);
+    - ``fuse``: a MirrorMount (app/mirror/mount.py) over a scratch directory under the work
+      dir, with ``LocalOnly()`` as replicator: the FUSE layer's own cost, no peer;
+    - ``replicated``: a LabCluster (two real daemons, replicated=True) after first_start; the
+      workloads run inside node1's namespaces on /srv/mirrorha/data, through the primary's
+      mount, every change acknowledged by node2 before the call returns.
+
+    Each workload is a fresh Python process (the script ``WORKLOAD`` written to the work dir)
+    started on each target in turn (local, fuse, replicated), workload by workload, so slow
+    drift of the machine touches every target alike:
+
+    - ``seq``: 1 MiB writes of random bytes into one new file, then one fsync (MB/s, 10^6
+      bytes per second, the fsync included);
+    - ``sync4k``: a preallocated file overwritten 4 KiB at a time, each write followed by
+      fdatasync (ops/s; p50 and p99 latency of write + fdatasync, nearest rank);
+    - ``meta``: create (O_EXCL, close), rename, unlink of one empty file per round (ops/s,
+      three operations per round);
+    - ``pgbench``: PostgreSQL 15 (Debian's /usr/lib/postgresql/15/bin) with its data directory
+      on the target, run as user postgres, unix socket only (listen_addresses = ''), socket in
+      a directory outside the targets; ``pgbench -i -s 5`` then ``pgbench -T 20 -c 4 -j 2``
+      (TPS without the initial connection time).
+
+    In the lab both copies of the replicated directory share this machine's one disk, so the
+    physical limit of the replicated sequential rate is half the local rate: the benchmark
+    prints that limit and the replicated rate as a fraction of it. Goals are printed next to
+    the figures, never asserted: sequential >= 80 % of that limit, fsync'd 4 KiB >= 35 % of
+    local ops/s, pgbench >= 50 % of local TPS.
+
+    Output: one line per figure, then one JSON line (the last line) with everything.
+
+Exceptions
+    BenchError    a workload failed or a wait timed out; main() prints it and exits 1
+                  (the JSON line still comes last, with "error").
+    Not root, no lab, no FUSE, no PostgreSQL (without --skip-pgbench): exit 2 with the reason.
+
+Known limits
+    One machine, two cores shared by the workload, both daemons and (for ``fuse``) this
+    process's FUSE threads. The page cache is not dropped between targets; ``seq`` includes its
+    fsync so the cache does not hide the disk. Figures are from one run each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as `bench/replication.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+from app.lab import Lab, LabError, unavailable_reason  # noqa: E402
+from app.labcluster import DATA_DIR, LabCluster, LabClusterError  # noqa: E402
+
+PREFIX = "mhr-"
+TARGETS = ("local", "fuse", "replicated")
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PG_PORT = 5432
+WORKLOAD_TIMEOUT_S = 900.0
+GOALS = {"seq_of_limit": 0.80, "sync4k_of_local": 0.35, "pgbench_of_local": 0.50}
+
+WORKLOAD = r'''
+"""One benchmark workload on one directory; prints one JSON line."""
+import json, os, sys, time
+
+def seq(d, mib):
+    path = os.path.join(d, "seq.bin")
+    buf = os.urandom(1 << 20)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    t0 = time.perf_counter()
+    for _ in range(mib):
+        view = memoryview(buf)
+        while view:
+            view = view[os.write(fd, view):]
+    os.fsync(fd)
+    t1 = time.perf_counter()
+    os.close(fd)
+    os.unlink(path)
+    return {"bytes": mib << 20, "seconds": t1 - t0, "mb_s": (mib << 20) / 1e6 / (t1 - t0)}
+
+def sync4k(d, n):
+    path = os.path.join(d, "sync.bin")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    zero = bytes(1 << 20)
+    left = n * 4096
+    while left > 0:
+        left -= os.write(fd, zero[: min(left, len(zero))])
+    os.fsync(fd)
+    block = os.urandom(4096)
+    lat = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        a = time.perf_counter()
+        os.pwrite(fd, block, i * 4096)
+        os.fdatasync(fd)
+        lat.append(time.perf_counter() - a)
+    t1 = time.perf_counter()
+    os.close(fd)
+    os.unlink(path)
+    lat.sort()
+    rank = lambda p: lat[max(0, -(-len(lat) * p // 100) - 1)]
+    return {"ops": n, "seconds": t1 - t0, "ops_s": n / (t1 - t0),
+            "p50_ms": rank(50) * 1000, "p99_ms": rank(99) * 1000}
+
+def meta(d, n):
+    sub = os.path.join(d, "meta")
+    os.makedirs(sub, exist_ok=True)
+    t0 = time.perf_counter()
+    for i in range(n):
+        a, b = os.path.join(sub, f"a{i}"), os.path.join(sub, f"b{i}")
+        os.close(os.open(a, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.rename(a, b)
+        os.unlink(b)
+    t1 = time.perf_counter()
+    os.rmdir(sub)
+    return {"ops": 3 * n, "seconds": t1 - t0, "ops_s": 3 * n / (t1 - t0)}
+
+kind, d, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+print(json.dumps({"seq": seq, "sync4k": sync4k, "meta": meta}[kind](d, n)))
+'''
+
+
+class BenchError(Exception):
+    """A workload failed or a wait timed out; the message says what was seen."""
+
+
+# ------------------------------------------------------------------ targets
+
+
+class Targets:
+    """The three targets of one run; ``run(target, argv)`` runs argv where the target lives."""
+
+    def __init__(self, lab: Lab, cluster: LabCluster, fuse_dir: Path, local_dir: Path) -> None:
+        self.lab = lab
+        self.cluster = cluster
+        self.dirs = {"local": str(local_dir), "fuse": str(fuse_dir), "replicated": DATA_DIR}
+
+    def run(
+        self, target: str, argv: list[str], timeout: float = WORKLOAD_TIMEOUT_S
+    ) -> subprocess.CompletedProcess[str]:
+        try:
+            if target == "replicated":
+                return self.lab.run("node1", argv, check=False, timeout=timeout)
+            return subprocess.run(
+                argv, capture_output=True, text=True, timeout=timeout, check=False, cwd="/"
+            )
+        except (subprocess.TimeoutExpired, LabError) as exc:
+            raise BenchError(f"{target}: {' '.join(argv[:3])}... did not finish: {exc}") from exc
+
+    def checked(self, target: str, argv: list[str], timeout: float = WORKLOAD_TIMEOUT_S) -> str:
+        proc = self.run(target, argv, timeout)
+        if proc.returncode != 0:
+            raise BenchError(
+                f"{target}: {' '.join(argv)} exited {proc.returncode}: "
+                f"{(proc.stderr or proc.stdout).strip()[-800:]}"
+            )
+        return proc.stdout
+
+
+def workload(t: Targets, script: Path, target: str, kind: str, n: int) -> dict[str, Any]:
+    out = t.checked(target, [sys.executable, str(script), kind, t.dirs[target], str(n)])
+    try:
+        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError) as exc:
+        raise BenchError(f"{target} {kind}: no JSON from the workload: {out[-300:]!r}") from exc
+    return result
+
+
+# ------------------------------------------------------------------ PostgreSQL
+
+
+def pg_missing() -> str | None:
+    missing = [
+        str(PG_BIN / b) for b in ("initdb", "pg_ctl", "pgbench") if not (PG_BIN / b).exists()
+    ]
+    if missing:
+        return f"PostgreSQL 15 is not installed ({', '.join(missing)}): Debian package postgresql"
+    if shutil.which("runuser") is None:
+        return "runuser is missing (Debian package util-linux)"
+    return None
+
+
+def as_postgres(*argv: str) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *argv]
+
+
+def postmaster_pid(t: Targets, target: str, datadir: str) -> int | None:
+    proc = t.run(target, ["cat", f"{datadir}/postmaster.pid"], timeout=30)
+    first = proc.stdout.split("\n", 1)[0].strip() if proc.returncode == 0 else ""
+    return int(first) if first.isdigit() else None
+
+
+def pgbench(
+    t: Targets, target: str, sockdir: Path, scale: int, seconds: int, clients: int
+) -> dict[str, Any]:
+    """initdb, start, pgbench -i, pgbench -T; PostgreSQL is stopped (fast, then by pid)."""
+    datadir = f"{t.dirs[target]}/pg"
+    t.checked(target, ["install", "-d", "-o", "postgres", "-g", "postgres", "-m", "700", datadir])
+    t.checked(
+        target,
+        as_postgres(
+            str(PG_BIN / "initdb"), "-D", datadir, "-A", "trust", "-E", "UTF8", "--no-locale"
+        ),
+        timeout=300,
+    )
+    opts = f"-c listen_addresses='' -c unix_socket_directories='{sockdir}' -c port={PG_PORT}"
+    log = sockdir / f"postgres-{target}.log"
+    started = False
+    try:
+        t.checked(
+            target,
+            as_postgres(
+                str(PG_BIN / "pg_ctl"),
+                "-D",
+                datadir,
+                "-l",
+                str(log),
+                "-o",
+                opts,
+                "-w",
+                "-t",
+                "120",
+                "start",
+            ),
+            timeout=180,
+        )
+        started = True
+        bench = [str(PG_BIN / "pgbench"), "-h", str(sockdir), "-p", str(PG_PORT)]
+        t0 = time.monotonic()
+        t.checked(target, as_postgres(*bench, "-i", "-q", "-s", str(scale), "postgres"), 900)
+        init_s = time.monotonic() - t0
+        jobs = str(min(clients, 2))
+        out = t.checked(
+            target,
+            as_postgres(*bench, "-T", str(seconds), "-c", str(clients), "-j", jobs, "postgres"),
+            timeout=seconds + 300,
+        )
+        m = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out)
+        if m is None:
+            raise BenchError(f"{target}: no TPS in pgbench's output: {out[-500:]!r}")
+        txn = re.search(r"number of transactions actually processed: (\d+)", out)
+        return {
+            "tps": float(m.group(1)),
+            "transactions": int(txn.group(1)) if txn else None,
+            "init_s": round(init_s, 2),
+        }
+    finally:
+        if started or postmaster_pid(t, target, datadir) is not None:
+            stop_postgres(t, target, datadir)
+
+
+def stop_postgres(t: Targets, target: str, datadir: str) -> None:
+    pid = postmaster_pid(t, target, datadir)
+    with contextlib.suppress(BenchError):
+        t.run(
+            target,
+            as_postgres(
+                str(PG_BIN / "pg_ctl"), "-D", datadir, "-m", "fast", "-w", "-t", "60", "stop"
+            ),
+            timeout=90,
+        )
+    if pid is not None and Path(f"/proc/{pid}").exists():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # the postmaster we started; its children follow
+
+
+# ------------------------------------------------------------------ figures
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def fmt(v: float | None, spec: str = ".1f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.0f} %"
+
+
+def goal_word(v: float | None, goal: float) -> str:
+    if v is None:
+        return "not measured"
+    return "met" if v >= goal else "MISSED"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="bench/replication.py",
+        description="Write throughput, fsync latency, metadata and pgbench: local disk, the "
+        "FUSE layer with no peer, and the replicated mount, side by side in the lab.",
+    )
+    ap.add_argument("--seq-mib", type=int, default=256, help="sequential MiB (256)")
+    ap.add_argument("--sync-ops", type=int, default=2000, help="4 KiB write+fdatasync (2000)")
+    ap.add_argument("--meta-rounds", type=int, default=2000, help="create/rename/unlink (2000)")
+    ap.add_argument("--pg-scale", type=int, default=5, help="pgbench -i -s (5)")
+    ap.add_argument("--pg-seconds", type=int, default=20, help="pgbench -T (20)")
+    ap.add_argument("--pg-clients", type=int, default=4, help="pgbench -c (4)")
+    ap.add_argument("--skip-pgbench", action="store_true", help="no PostgreSQL run")
+    ap.add_argument("--quick", action="store_true", help="small sizes, short pgbench (tests)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seq_mib, args.sync_ops, args.meta_rounds = 16, 200, 200
+        args.pg_scale, args.pg_seconds, args.pg_clients = 1, 3, 2
+    if min(args.seq_mib, args.sync_ops, args.meta_rounds, args.pg_scale, args.pg_seconds) < 1:
+        ap.error("sizes, counts and durations must be >= 1")
+    if os.geteuid() != 0:
+        print("bench/replication.py needs root (lab namespaces, FUSE mounts)", file=sys.stderr)
+        return 2
+    reason = unavailable_reason()
+    if reason is None:
+        from app.mirror.fusecheck import fuse_unavailable_reason
+
+        reason = fuse_unavailable_reason()
+    if reason is None and not args.skip_pgbench:
+        reason = pg_missing()
+        if reason is not None:
+            reason += " (or run with --skip-pgbench)"
+    if reason is not None:
+        print(f"bench/replication.py cannot run here: {reason}", file=sys.stderr)
+        return 2
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    started = time.monotonic()
+    result: dict[str, Any] = {
+        "bench": "replication",
+        "targets": list(TARGETS),
+        "sizes": {
+            "seq_mib": args.seq_mib,
+            "sync_ops": args.sync_ops,
+            "meta_rounds": args.meta_rounds,
+            "pgbench": None
+            if args.skip_pgbench
+            else {"scale": args.pg_scale, "seconds": args.pg_seconds, "clients": args.pg_clients},
+        },
+    }
+    try:
+        measure(args, result, say)
+    except (BenchError, LabError, LabClusterError, OSError) as exc:
+        print(f"bench/replication.py: {exc}", file=sys.stderr)
+        result["error"] = str(exc)[:1000]
+        print(json.dumps(result), flush=True)
+        return 1
+    result["elapsed_s"] = round(time.monotonic() - started, 1)
+    report(result, say)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def measure(args: argparse.Namespace, result: dict[str, Any], say: Callable[[str], None]) -> None:
+    from app.mirror.mount import MirrorMount
+    from app.mirror.ops import LocalOnly
+
+    lab = Lab(prefix=PREFIX)
+    cluster: LabCluster | None = None
+    mount: MirrorMount | None = None
+    try:
+        lab.up()
+        base = lab.workdir / "bench"
+        local_dir, fuse_dir, sockdir = base / "local", base / "fuse", base / "pgsock"
+        for d in (local_dir, fuse_dir, sockdir):
+            d.mkdir(parents=True, exist_ok=True)
+        if not args.skip_pgbench:
+            shutil.chown(sockdir, "postgres", "postgres")
+        base.chmod(0o755)
+        script = base / "workload.py"
+        script.write_text(WORKLOAD)
+        say(f"lab {PREFIX} up; local {local_dir}, fuse (no peer) {fuse_dir}, replicated {DATA_DIR}")
+        mount = MirrorMount(fuse_dir, LocalOnly())
+        mount.start()
+        mount.wait_ready(10.0)
+        cluster = LabCluster(lab, replicated=True)
+        cluster.first_start(timeout=120)
+        say(f"pair formed: {cluster.describe()}")
+        t = Targets(lab, cluster, fuse_dir, local_dir)
+
+        seq: dict[str, Any] = {}
+        sync: dict[str, Any] = {}
+        meta: dict[str, Any] = {}
+        for target in TARGETS:
+            seq[target] = workload(t, script, target, "seq", args.seq_mib)
+            say(f"  seq {target}: {seq[target]['mb_s']:.1f} MB/s")
+        for target in TARGETS:
+            sync[target] = workload(t, script, target, "sync4k", args.sync_ops)
+            r = sync[target]
+            say(
+                f"  4 KiB+fdatasync {target}: {r['ops_s']:.0f} ops/s, "
+                f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms"
+            )
+        for target in TARGETS:
+            meta[target] = workload(t, script, target, "meta", args.meta_rounds)
+            say(f"  metadata {target}: {meta[target]['ops_s']:.0f} ops/s")
+        pg: dict[str, Any] | None = None
+        if not args.skip_pgbench:
+            pg = {}
+            for target in TARGETS:
+                pg[target] = pgbench(
+                    t, target, sockdir, args.pg_scale, args.pg_seconds, args.pg_clients
+                )
+                say(f"  pgbench {target}: {pg[target]['tps']:.1f} TPS")
+        mirror = (cluster.state("node1") or {}).get("mirror") or {}
+        result["replicated_mirror"] = {
+            k: mirror.get(k) for k in ("mirror_state", "bytes_sent", "ops_sent", "acks", "drops")
+        }
+    finally:
+        if cluster is not None:
+            cluster.stop_all()
+        if mount is not None:
+            try:
+                mount.stop()
+            finally:
+                lab.down()
+        else:
+            lab.down()
+    figures(result, seq, sync, meta, pg)
+
+
+def figures(
+    result: dict[str, Any],
+    seq: dict[str, Any],
+    sync: dict[str, Any],
+    meta: dict[str, Any],
+    pg: dict[str, Any] | None,
+) -> None:
+    def rnd(v: float, n: int = 2) -> float:
+        return round(v, n)
+
+    result["seq_mb_s"] = {k: rnd(v["mb_s"]) for k, v in seq.items()}
+    result["sync4k"] = {
+        k: {
+            "ops_s": rnd(v["ops_s"], 1),
+            "p50_ms": rnd(v["p50_ms"], 3),
+            "p99_ms": rnd(v["p99_ms"], 3),
+        }
+        for k, v in sync.items()
+    }
+    result["meta_ops_s"] = {k: rnd(v["ops_s"], 1) for k, v in meta.items()}
+    result["pgbench_tps"] = {k: rnd(v["tps"]) for k, v in pg.items()} if pg else None
+    result["pgbench"] = pg
+    ratios: dict[str, dict[str, float | None]] = {}
+    pairs: list[tuple[str, dict[str, float]]] = [
+        ("seq", result["seq_mb_s"]),
+        ("sync4k_ops", {k: v["ops_s"] for k, v in result["sync4k"].items()}),
+        ("sync4k_p99", {k: v["p99_ms"] for k, v in result["sync4k"].items()}),
+        ("meta", result["meta_ops_s"]),
+    ]
+    if result["pgbench_tps"]:
+        pairs.append(("pgbench", result["pgbench_tps"]))
+    for name, fig in pairs:
+        ratios[name] = {
+            "fuse_local": ratio(fig["fuse"], fig["local"]),
+            "replicated_local": ratio(fig["replicated"], fig["local"]),
+        }
+    result["ratios"] = ratios
+    limit = result["seq_mb_s"]["local"] / 2
+    result["seq_limit_mb_s"] = rnd(limit)
+    result["seq_of_limit"] = ratio(result["seq_mb_s"]["replicated"], limit)
+    sync_frac = ratios["sync4k_ops"]["replicated_local"]
+    pg_frac = ratios["pgbench"]["replicated_local"] if "pgbench" in ratios else None
+    result["goals"] = {
+        "seq_ge_80pct_of_limit": None
+        if result["seq_of_limit"] is None
+        else result["seq_of_limit"] >= GOALS["seq_of_limit"],
+        "sync4k_ge_35pct_of_local": None
+        if sync_frac is None
+        else sync_frac >= GOALS["sync4k_of_local"],
+        "pgbench_ge_50pct_of_local": None
+        if pg_frac is None
+        else pg_frac >= GOALS["pgbench_of_local"],
+    }
+
+
+def report(result: dict[str, Any], say: Callable[[str], None]) -> None:
+    r = result["ratios"]
+    s = result["sizes"]
+    say("")
+    say(f"{'':34}{'local':>12}{'fuse':>12}{'replicated':>12}   fuse/local  repl/local")
+
+    def row(label: str, fig: dict[str, float], key: str, spec: str = ".1f") -> None:
+        say(
+            f"{label:<34}"
+            + "".join(f"{fmt(fig[t], spec):>12}" for t in TARGETS)
+            + f"   {fmt(r[key]['fuse_local'], '.3f'):>10}"
+            + f"  {fmt(r[key]['replicated_local'], '.3f'):>10}"
+        )
+
+    row(f"sequential 1 MiB+fsync MB/s ({s['seq_mib']} MiB)", result["seq_mb_s"], "seq")
+    sync = result["sync4k"]
+    row(
+        f"4 KiB+fdatasync ops/s ({s['sync_ops']})",
+        {k: v["ops_s"] for k, v in sync.items()},
+        "sync4k_ops",
+        ".0f",
+    )
+    say(f"{'  p50 latency ms':<34}" + "".join(f"{sync[t]['p50_ms']:>12.3f}" for t in TARGETS))
+    row("  p99 latency ms", {k: v["p99_ms"] for k, v in sync.items()}, "sync4k_p99", ".3f")
+    row(f"create/rename/unlink ops/s ({s['meta_rounds']}x3)", result["meta_ops_s"], "meta", ".0f")
+    if result["pgbench_tps"]:
+        pgs = s["pgbench"]
+        row(
+            f"pgbench TPS (-s {pgs['scale']} -T {pgs['seconds']} -c {pgs['clients']})",
+            result["pgbench_tps"],
+            "pgbench",
+        )
+    else:
+        say("pgbench: skipped (--skip-pgbench)")
+    say(
+        f"sequential: both copies share one disk, physical limit = local/2 = "
+        f"{result['seq_limit_mb_s']:.1f} MB/s; replicated = {pct(result['seq_of_limit'])} of it"
+    )
+    say(
+        "goals (not asserted): sequential >= 80 % of the limit: "
+        + goal_word(result["seq_of_limit"], GOALS["seq_of_limit"])
+        + f" ({pct(result['seq_of_limit'])}); fsync'd 4 KiB >= 35 % of local: "
+        + goal_word(r["sync4k_ops"]["replicated_local"], GOALS["sync4k_of_local"])
+        + f" ({pct(r['sync4k_ops']['replicated_local'])}); pgbench >= 50 % of local: "
+        + (
+            goal_word(r["pgbench"]["replicated_local"], GOALS["pgbench_of_local"])
+            + f" ({pct(r['pgbench']['replicated_local'])})"
+            if "pgbench" in r
+            else "not measured"
+        )
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
