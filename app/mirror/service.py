@@ -72,6 +72,7 @@ from app.mirror.protocol import (
 )
 from app.mirror.quarantine import make_quarantine
 from app.mirror.receiver import Receiver
+from app.mirror.verify import TokenBucket, Verifier, VerifyError, VerifyReport
 
 T = TypeVar("T")
 ResyncState = Literal["none", "running", "done", "failed"]
@@ -397,6 +398,12 @@ class _DirPrimary:
 
         return on_result
 
+    def settle(self) -> None:
+        """Before a verify re-check: let the ops already queued be acknowledged (bounded)."""
+        link = self.link
+        if link is not None:
+            link.wait_idle(min(5.0, self.svc.ack_timeout_s))
+
 
 def _request(op: ops.Op) -> Callable[[int], Event]:
     return lambda i: Request(i, op)
@@ -454,6 +461,9 @@ class MirrorService:
         self._resync_stop = threading.Event()
         self._target_armed = False
         self._lock = threading.Lock()
+        self._verify = VerifyReport()
+        self._verify_thread: threading.Thread | None = None
+        self._verify_stop = threading.Event()
 
     # -- primary --------------------------------------------------------------------
 
@@ -494,6 +504,10 @@ class MirrorService:
     def _stop_primary(self) -> None:
         self._stop.set()
         self._resync_stop.set()
+        self._verify_stop.set()
+        if self._verify_thread is not None:
+            self._verify_thread.join(max(15.0, self.ack_timeout_s * 2))
+            self._verify_thread = None
         for d in self._prim:
             if d.mount is not None:
                 try:
@@ -718,6 +732,74 @@ class MirrorService:
                 d.journal_error = ""
             except JournalError as exc:
                 d.journal_error = str(exc)
+
+    # -- verify -----------------------------------------------------------------------
+
+    async def start_verify(self, rate_mbps: float) -> None:
+        """Start comparing both copies by checksums in the background (verify.py)."""
+        await asyncio.to_thread(self._start_verify, rate_mbps)
+
+    def _start_verify(self, rate_mbps: float) -> None:
+        with self._lock:
+            if self.role != "primary":
+                raise VerifyError(f"verify runs on the primary; this node's mirror is {self.role}")
+            if self._verify_thread is not None and self._verify_thread.is_alive():
+                raise VerifyError("a verify is already running: see its status")
+            if not rate_mbps >= 0:
+                raise VerifyError(f"rate_mbps must be 0 (no limit) or more, not {rate_mbps}")
+            idle = [str(d.path) for d in self._prim if d.mode != "live" or d.link is None]
+            if idle:
+                raise VerifyError(
+                    f"the secondary is not connected and in sync for {', '.join(idle)}: "
+                    "verify needs a live mirror (wait for the resync to finish)"
+                )
+            report = VerifyReport(running=True, started=time.time(), rate_mbps=rate_mbps)
+            self._verify = report
+            self._verify_stop = stop = threading.Event()
+            self._verify_thread = threading.Thread(
+                target=self._verify_run, args=(report, stop), name="verify", daemon=True
+            )
+            self._verify_thread.start()
+
+    def _verify_run(self, report: VerifyReport, stop: threading.Event) -> None:
+        bucket = TokenBucket(report.rate_mbps * 1e6 / 8)
+        try:
+            verifiers = []
+            for d in list(self._prim):
+                link = d.link
+                if link is None or d.mode != "live":
+                    raise VerifyError(f"the secondary of {d.path} dropped before the verify")
+                verifiers.append(
+                    Verifier(
+                        d.root_fd,
+                        d.order,
+                        link,
+                        report,
+                        label=str(d.path),
+                        timeout=max(10.0, self.ack_timeout_s),
+                        bucket=bucket,
+                        settle=d.settle,
+                        stopped=stop.is_set,
+                        excluded=d.excluded,
+                    )
+                )
+            for v in verifiers:
+                v.estimate()
+            for v in verifiers:
+                v.run()
+            found = len(report.differences) + report.differences_dropped
+            self.log.info("verify done: %d difference(s)", found)
+        except (MirrorError, OSError) as exc:
+            report.last_error = str(exc)
+            self.log.warning("verify failed: %s", exc)
+        finally:
+            report.running = False
+            report.finished = time.time()
+
+    def verify_status(self) -> dict[str, Any]:
+        """The last verify's progress and findings (``running`` False and no ``started``:
+        none ran since the daemon started)."""
+        return {"dirs": [str(p) for p, _ in self.dirs], **self._verify.snapshot()}
 
     # -- quarantine -----------------------------------------------------------------
 
