@@ -18,6 +18,7 @@ import secrets
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from app import __version__
 
@@ -143,6 +144,58 @@ def make_node_command(name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def render_verify(v: dict[str, Any]) -> str:
+    """A verify status as text: progress, then one line per difference."""
+    done = "running" if v.get("running") else "finished" if v.get("finished") else "never run"
+    lines = [
+        f"verify of {v.get('module')} on {v.get('node')}: {done}, "
+        f"{v.get('files_done', 0)}/{v.get('files_total', 0)} files, "
+        f"{v.get('bytes_done', 0)}/{v.get('bytes_total', 0)} bytes"
+    ]
+    diffs = list(v.get("differences") or [])
+    dropped = int(v.get("differences_dropped") or 0)
+    for d in diffs:
+        ranges = " ".join(f"{o}+{n}" for o, n in d.get("ranges") or [])
+        where = f" [bytes {ranges}]" if ranges else ""
+        lines.append(f"  {d['kind']:<16} {d['path']}: {d['detail']}{where}")
+    if dropped:
+        lines.append(f"  ... and {dropped} more")
+    if v.get("last_error"):
+        lines.append(f"  error: {v['last_error']}")
+    elif v.get("finished") and not v.get("running"):
+        lines.append(f"  {len(diffs) + dropped} difference(s)")
+    return "\n".join(lines)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 identical, 1 differences found, 2 error (not the primary, no daemon, failed)."""
+    import time
+
+    from app.control import ControlError, request
+
+    state_dir = Path(args.state_dir)
+    query = f"/v1/verify?module={args.module}" if args.module else "/v1/verify"
+    try:
+        if not args.status:
+            body: dict[str, object] = {"module": args.module, "rate_mbps": args.rate}
+            print(request(state_dir, "POST", "/v1/verify", body).get("message", "verify started"))
+            if not args.wait:
+                return 0
+        v = request(state_dir, "GET", query)
+        for _ in range(int(args.timeout) if args.wait else 0):
+            if not v.get("running"):
+                break
+            time.sleep(1.0)
+            v = request(state_dir, "GET", query)
+    except ControlError as exc:
+        _err(str(exc))
+        return 2
+    print(render_verify(v))
+    if v.get("running") or v.get("last_error") or not v.get("finished"):
+        return 2
+    return 1 if v.get("differences") or v.get("differences_dropped") else 0
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     from app.lab import main as lab_main
 
@@ -239,6 +292,30 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="compare every block instead of trusting the change record",
             )
+
+    sp = add(
+        "verify",
+        "compare both copies by checksums (on the primary); exit 0 identical, 1 differences, "
+        "2 error",
+        cmd_verify,
+    )
+    state_dir(sp)
+    sp.add_argument("-m", "--module", help="module name (default: the first module)")
+    sp.add_argument(
+        "--rate",
+        type=float,
+        default=100.0,
+        help="hash at most MBPS Mbit/s (default 100; 0: no limit)",
+    )
+    sp.add_argument(
+        "--wait", action="store_true", help="wait for the end and print the differences"
+    )
+    sp.add_argument(
+        "--status", action="store_true", help="print the last verify's result (start nothing)"
+    )
+    sp.add_argument(
+        "--timeout", type=float, default=86400, help="give up waiting after this many seconds"
+    )
 
     def config_help(args: argparse.Namespace) -> int:
         config_parser.print_help()

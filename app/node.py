@@ -828,6 +828,29 @@ class Node:
             raise NotFound(f"no command {name!r} (commands: {known})") from None
         return await self.runner(module).submit(cmd)
 
+    async def verify_start(self, module: str | None, rate_mbps: float) -> str:
+        """Start a background verify of the module's replicated directories (verify.py)."""
+        from app.mirror.errors import MirrorError
+
+        r = self.runner(module)
+        start = getattr(r.mirror, "start_verify", None)
+        if start is None:
+            raise Refused(f"module {r.m.name} has no replicated directory: nothing to verify")
+        try:
+            await start(rate_mbps)
+        except MirrorError as exc:
+            raise Refused(f"verify refused on {self.me}: {exc}") from None
+        limit = f"at most {rate_mbps:g} Mbit/s" if rate_mbps > 0 else "no rate limit"
+        return f"verify of module {r.m.name} started on {self.me} ({limit})"
+
+    def verify_status(self, module: str | None) -> dict[str, Any]:
+        r = self.runner(module)
+        status = getattr(r.mirror, "verify_status", None)
+        if status is None:
+            raise Refused(f"module {r.m.name} has no replicated directory: nothing to verify")
+        return {"module": r.m.name, "node": self.me, "role": r.mirror.status().get("role"),
+                **status()}  # fmt: skip
+
     def healthy(self, module: str | None) -> tuple[bool, str]:
         r = self.runner(module)
         ok = r.s.state in (State.PRIM, State.ALONE) and r.s.substatus is Sub.READY

@@ -56,6 +56,10 @@ class Controller(Protocol):
 
     def healthy(self, module: str | None) -> tuple[bool, str]: ...
 
+    async def verify_start(self, module: str | None, rate_mbps: float) -> str: ...
+
+    def verify_status(self, module: str | None) -> dict[str, Any]: ...
+
 
 def json_response(obj: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(obj), status_code=status, media_type="application/json")
@@ -102,9 +106,47 @@ def control_app(ctl: Controller) -> Starlette:
         routes=[
             Route("/v1/state", _guard(get_state), methods=["GET"]),
             Route("/v1/commands/{name}", _guard(post_command), methods=["POST"]),
+            *verify_routes(ctl),
             *health_routes(ctl),
         ]
     )
+
+
+DEFAULT_VERIFY_MBPS = 100.0
+
+
+def verify_routes(ctl: Controller) -> list[Route]:
+    """POST /v1/verify {"module", "rate_mbps"} starts a verify; GET /v1/verify?module= shows it."""
+
+    async def post_verify(request: Request) -> Response:
+        raw = await request.body()
+        try:
+            body = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"the body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        unknown = set(body) - {"module", "rate_mbps"}
+        if unknown:
+            raise BadRequest(
+                f"unknown field(s) {', '.join(sorted(unknown))}: use module, rate_mbps"
+            )
+        module = body.get("module")
+        rate = body.get("rate_mbps", DEFAULT_VERIFY_MBPS)
+        if module is not None and not isinstance(module, str):
+            raise BadRequest("module must be a string")
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1e6:
+            raise BadRequest("rate_mbps must be a number of Mbit/s from 0 (no limit) to 1e6")
+        message = await ctl.verify_start(module, float(rate))
+        return json_response({"message": message, "verify": ctl.verify_status(module)})
+
+    async def get_verify(request: Request) -> Response:
+        return json_response(ctl.verify_status(request.query_params.get("module")))
+
+    return [
+        Route("/v1/verify", _guard(post_verify), methods=["POST"]),
+        Route("/v1/verify", _guard(get_verify), methods=["GET"]),
+    ]
 
 
 def health_routes(ctl: Controller) -> list[Route]:
