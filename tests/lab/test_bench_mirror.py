@@ -1,0 +1,159 @@
+"""The replication and resync benchmarks run end to end in the lab and leave nothing behind.
+
+`bench/replication.py --quick` and `bench/resync.py --quick` are run as a user would run them;
+each test checks what the output promises (a table, then one JSON line whose figures are
+positive numbers) and that the benchmark's lab is gone afterwards: no namespace with its
+prefix, no FUSE mount of its work dir in /proc/mounts, no process naming its work dir, no work
+dir. The figures themselves are not judged: no timing assertion (the benchmarks print them
+against their goals).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.lab import HOSTS, SWITCH, Lab, default_workdir
+from bench import replication, resync
+from tests.lab.conftest import require_lab
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+TARGETS = ("local", "fuse", "replicated")
+
+
+def _namespaces(prefix: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=15)
+    names = {f"{prefix}{h}" for h in (*HOSTS, SWITCH)}
+    return sorted(n for n in out.stdout.split() if n in names)
+
+
+def _mounts(workdir: Path) -> list[str]:
+    """Lines of /proc/mounts that name the benchmark's work dir (its FUSE mount and binds)."""
+    text = Path("/proc/mounts").read_text()
+    return [line for line in text.splitlines() if str(workdir) in line]
+
+
+def _pids(workdir: Path) -> list[int]:
+    """Live processes (not zombies) whose command line names the work dir: daemons,
+    workloads, PostgreSQL."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(workdir) in cmdline and state not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
+def _run_bench(script: str, prefix: str, timeout: float) -> tuple[dict[str, Any], str]:
+    """Run bench/<script> --quick; check it exits 0 and cleans up; return (JSON, table)."""
+    workdir = default_workdir(prefix)
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "bench" / script), "--quick"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        left = (_namespaces(prefix), _mounts(workdir), _pids(workdir), workdir.exists())
+    finally:
+        Lab.cleanup_stale(prefix)  # only does something if the benchmark could not clean up
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr}"
+    lines = proc.stdout.strip().splitlines()
+    assert lines, proc.stderr
+    result = json.loads(lines[-1])
+    namespaces, mounts, pids, workdir_left = left
+    assert namespaces == [], "the benchmark left its lab namespaces"
+    assert mounts == [], "the benchmark left mounts of its work dir"
+    assert pids == [], "the benchmark left processes running"
+    assert not workdir_left, "the benchmark left its work dir"
+    return result, "\n".join(lines[:-1])
+
+
+def _positive(value: Any, what: str) -> None:
+    assert isinstance(value, int | float) and not isinstance(value, bool), (what, value)
+    assert value > 0, (what, value)
+
+
+@pytest.mark.timeout(900)
+def test_replication_quick_prints_every_figure_as_json_and_cleans_up() -> None:
+    require_lab()
+    reason = replication.pg_missing()
+    if reason is not None:
+        pytest.skip(reason)
+    result, table = _run_bench("replication.py", replication.PREFIX, 800)
+    assert result["bench"] == "replication"
+    assert result["targets"] == list(TARGETS)
+    for target in TARGETS:
+        _positive(result["seq_mb_s"][target], f"seq {target}")
+        for key in ("ops_s", "p50_ms", "p99_ms"):
+            _positive(result["sync4k"][target][key], f"sync4k {key} {target}")
+        assert result["sync4k"][target]["p99_ms"] >= result["sync4k"][target]["p50_ms"]
+        _positive(result["meta_ops_s"][target], f"meta {target}")
+        _positive(result["pgbench_tps"][target], f"pgbench {target}")
+    for name in ("seq", "sync4k_ops", "sync4k_p99", "meta", "pgbench"):
+        for pair in ("fuse_local", "replicated_local"):
+            _positive(result["ratios"][name][pair], f"ratio {name} {pair}")
+    _positive(result["seq_limit_mb_s"], "limit")
+    assert result["seq_limit_mb_s"] == pytest.approx(result["seq_mb_s"]["local"] / 2, rel=0.01)
+    _positive(result["seq_of_limit"], "fraction of the limit")
+    assert set(result["goals"]) == {
+        "seq_ge_80pct_of_limit",
+        "sync4k_ge_35pct_of_local",
+        "pgbench_ge_50pct_of_local",
+    }
+    assert all(isinstance(v, bool) for v in result["goals"].values()), result["goals"]
+    # The replicated target really went through the mirror: node2 acknowledged every op.
+    mirror = result["replicated_mirror"]
+    assert mirror["mirror_state"] == "connected", mirror
+    _positive(mirror["acks"], "acks")
+    assert mirror["drops"] == 0, mirror
+    for label in ("sequential", "fdatasync", "create/rename/unlink", "pgbench", "goals"):
+        assert label in table, table
+
+
+@pytest.mark.timeout(900)
+def test_resync_quick_prints_every_figure_as_json_and_cleans_up() -> None:
+    require_lab()
+    result, table = _run_bench("resync.py", resync.PREFIX, 800)
+    assert result["bench"] == "resync"
+    assert result["size_mb"] == 64
+    assert result["size_bytes"] == 64 << 20
+    inc, full = result["incremental"], result["full"]
+    for key in (
+        "changed_bytes",
+        "mirrorha_s",
+        "mirrorha_bytes_sent",
+        "rsync_s",
+        "rsync_bytes_sent",
+        "speedup_vs_rsync",
+        "sent_over_changed",
+    ):
+        _positive(inc[key], f"incremental {key}")
+    # 1 % of the tree, in whole 4 KiB blocks.
+    assert inc["changed_bytes"] == inc["changed_writes"] * 4096
+    assert inc["changed_bytes"] == pytest.approx(0.01 * result["size_bytes"], rel=0.01)
+    for key in ("mirrorha_s", "mirrorha_bytes_sent", "cp_s", "rsync_s", "rsync_bytes_sent"):
+        _positive(full[key], f"full {key}")
+    # A full sync into an empty directory sends at least the whole tree.
+    assert full["mirrorha_bytes_sent"] >= result["size_bytes"]
+    # What a user checks after a sync: both copies hold the same bytes.
+    assert inc["mirrorha_identical"] is True
+    assert full["mirrorha_identical"] is True
+    assert inc["rsync_identical"] is True
+    assert set(result["goals"]) == {"speedup_ge_10x_rsync", "sent_le_1_2x_changed"}
+    for label in ("reintegration", "rsync", "cp -a", "full sync", "goals"):
+        assert label in table, table
