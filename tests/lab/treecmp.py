@@ -146,13 +146,9 @@ def diff_trees(
             continue
         pa, pb = a / rel if rel else a, b / rel if rel else b
         if ka != "symlink" and stat.S_IMODE(sa.st_mode) != stat.S_IMODE(sb.st_mode):
-            out.append(
-                f"{name}: mode {stat.S_IMODE(sa.st_mode):o} vs {stat.S_IMODE(sb.st_mode):o}"
-            )
+            out.append(f"{name}: mode {stat.S_IMODE(sa.st_mode):o} vs {stat.S_IMODE(sb.st_mode):o}")
         if (sa.st_uid, sa.st_gid) != (sb.st_uid, sb.st_gid):
-            out.append(
-                f"{name}: owner {sa.st_uid}:{sa.st_gid} vs {sb.st_uid}:{sb.st_gid}"
-            )
+            out.append(f"{name}: owner {sa.st_uid}:{sa.st_gid} vs {sb.st_uid}:{sb.st_gid}")
         xa, xb = _xattrs(pa), _xattrs(pb)
         if xa != xb:
             keys = sorted(k for k in xa.keys() | xb.keys() if xa.get(k) != xb.get(k))
