@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from app.mirror import ops, resync
+from app.mirror.behind import BehindError, BehindFlag, BehindWatcher
 from app.mirror.channel import Link, Listener, Pending, connect
 from app.mirror.errors import ChannelError, MirrorError, ResyncError
 from app.mirror.exclude import Exclusions
@@ -410,7 +411,7 @@ def _request(op: ops.Op) -> Callable[[int], Event]:
 
 
 class _DirSecondary:
-    def __init__(self, index: int, path: Path) -> None:
+    def __init__(self, index: int, path: Path, flag: BehindFlag) -> None:
         self.index = index
         self.path = path
         self.lock = threading.Lock()
@@ -418,6 +419,14 @@ class _DirSecondary:
         self.responder = resync.Responder(str(path), self.receiver)
         self.link: Link | None = None
         self.journal: DirtyJournal | None = None
+        self.flag = flag  # a full compare owed: changes made behind the mirror's back
+        self.flag_seq: int | None = None  # the flag's sequence when the resync was armed
+        self.behind: BehindWatcher | None = None
+
+
+def behind_flag_path(state_dir: Path, index: int, path: Path) -> Path:
+    jdir = journal_dir(state_dir, index, path)
+    return jdir.with_name(jdir.name + ".behind")
 
 
 class MirrorService:
@@ -438,6 +447,7 @@ class MirrorService:
         ack_timeout_s: float,
         bandwidth_mbps: float,
         log: logging.Logger,
+        behind_grace_s: float = 2.0,
     ) -> None:
         self.dirs = [(Path(p), tuple(ex)) for p, ex in dirs]
         self.state_dir = state_dir
@@ -447,6 +457,7 @@ class MirrorService:
         self.ack_timeout_s = ack_timeout_s
         self.bandwidth_mbps = bandwidth_mbps
         self.log = log
+        self.behind_grace_s = behind_grace_s
         self.role: Literal["off", "primary", "secondary"] = "off"
         self.generation = ""
         self.last_error = ""
@@ -547,8 +558,13 @@ class MirrorService:
             # ("transport endpoint is not connected"): the receiver works on the real one.
             for path, _ in self.dirs:
                 clean_stale_mount(path)
-            self._sec = [_DirSecondary(i, p) for i, (p, _) in enumerate(self.dirs)]
+            self._sec = [
+                _DirSecondary(i, p, BehindFlag(behind_flag_path(self.state_dir, i, p)))
+                for i, (p, _) in enumerate(self.dirs)
+            ]
             self.role = "secondary"
+            for sd, (_, excludes) in zip(self._sec, self.dirs, strict=True):
+                self._watch_behind(sd, excludes)
 
             def make_conn() -> Connection:
                 return Connection(Role.SECONDARY, cluster=self.cluster, node=self.node,
@@ -557,6 +573,27 @@ class MirrorService:
             self._listener = Listener(
                 self.local_ip, self.port, make_conn, self._on_link, log=self.log
             )
+
+    def _watch_behind(self, sd: _DirSecondary, excludes: tuple[str, ...]) -> None:
+        """Watch the directory for changes not made by the receiver (behind.py)."""
+
+        def on_change(path: bytes, what: str) -> None:
+            sd.flag.raise_(path, what)
+
+        watcher = BehindWatcher(
+            sd.path,
+            on_change=on_change,
+            excluded=_Excluder(excludes),
+            grace_s=self.behind_grace_s,
+            log=self.log,
+        )
+        try:
+            watcher.start()
+        except BehindError as exc:
+            self.last_error = f"changes behind the mirror's back go unseen in {sd.path}: {exc}"
+            self.log.warning("%s", self.last_error)
+            return
+        sd.behind = watcher
 
     def _on_link(self, sock: socket.socket, conn: Connection) -> None:
         cell: list[_DirSecondary] = []
@@ -573,6 +610,8 @@ class MirrorService:
                     old, d.link = d.link, link
                     d.receiver.release_all()
                     d.responder.state = "none"
+                    if d.behind is not None:
+                        d.behind.expectations.forget_handles()
                 if old is not None:
                     old.close("replaced by a new connection")
                 cell.append(d)
@@ -581,6 +620,9 @@ class MirrorService:
             with d.lock:
                 if d.link is not link:
                     raise ChannelError("connection replaced")
+                if d.behind is not None and isinstance(ev, Request):
+                    with d.behind.applying(ev.op):  # the receiver's own change: not reported
+                        return d.responder.handle(ev)
                 return d.responder.handle(ev)
 
         def on_close(lk: Link, reason: str) -> None:
@@ -601,6 +643,9 @@ class MirrorService:
             self._listener.close()
             self._listener = None
         for d in self._sec:
+            if d.behind is not None:
+                d.behind.stop()
+                d.behind = None
             link = d.link
             if link is not None:
                 link.close("stopping")
@@ -653,6 +698,12 @@ class MirrorService:
                     log = activity_log(sd.journal)
                     if full:
                         log = resync.ActivityLog(True, False, "full resync asked by the target")
+                    flag = sd.flag.read()
+                    sd.flag_seq = None
+                    if flag is not None:
+                        seq = flag.get("seq")
+                        sd.flag_seq = seq if isinstance(seq, int) else None
+                        log = resync.ActivityLog(True, False, BehindFlag.describe(flag))
                     sd.responder.arm(log)
                     sd.responder.on_done = self._target_done(sd)
 
@@ -670,6 +721,13 @@ class MirrorService:
 
     def _target_done(self, d: _DirSecondary) -> Callable[[], None]:
         def done() -> None:
+            if d.flag_seq is not None:
+                try:
+                    if d.flag.clear(d.flag_seq):
+                        self.log.info("%s: full compare done after changes behind the back", d.path)
+                except OSError as exc:
+                    self.log.warning("cannot remove %s: %s", d.flag.path, exc)
+                d.flag_seq = None
             if d.journal is not None:
                 try:
                     d.journal.discard()
@@ -876,5 +934,10 @@ class MirrorService:
             "resync": {"state": self.resync_state(), **progress},
             "last_error": self.last_error,
             "rejected": self._listener.rejected if self._listener is not None else 0,
+            "behind_the_back": sum(d.behind.count for d in self._sec if d.behind is not None),
+            "behind_the_back_recent": [
+                r for d in self._sec if d.behind is not None for r in d.behind.recent
+            ],
+            "full_compare_owed": any(d.flag.read() is not None for d in self._sec),
             "at": time.time(),
         }
