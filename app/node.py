@@ -721,6 +721,7 @@ class ModuleRunner:
                 "freshness": fresh,
                 "problem": self.gen_problem,
                 "mirror": self.mirror.mirror_state(),
+                "mirror_note": self.mirror.status().get("note"),
             },
             "mirror": self.mirror.status(),
             "resync": self.mirror.status().get("resync") or {"state": self.mirror.resync_state()},

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from app.mirror import ops, resync
+from app.mirror.asyncmode import AsyncMirror, AsyncMirrorError
 from app.mirror.behind import BehindError, BehindFlag, BehindWatcher
 from app.mirror.channel import Link, Listener, Pending, connect
 from app.mirror.errors import ChannelError, MirrorError, ResyncError
@@ -89,6 +90,7 @@ _NAMESPACE_OPS = (
     ops.Link,
     ops.Symlink,
 )
+ASYNC_MARKER = "async-primary"  # in a journal dir: async mode ran; removed at a clean stop
 _BEGIN_RETRIES = 1200  # x 0.25 s: the target arms itself within 5 minutes or the try fails
 
 
@@ -167,6 +169,7 @@ class _DirPrimary:
         self.journal: DirtyJournal | None = None
         self.root_fd = -1
         self.mount: Any = None
+        self.async_mirror: AsyncMirror | None = None
         self.link: Link | None = None
         self.mode: Literal["idle", "resync", "live"] = "idle"
         self.sent_open: set[int] = set()
@@ -399,8 +402,18 @@ class _DirPrimary:
 
         return on_result
 
+    def async_sink(self, op: ops.Op) -> None:
+        """The async mirror's sink: journal, then send on the live link and wait for the ack
+        (a peer that is not live gets nothing: the journal carries it to the next resync)."""
+        self.apply(op, lambda: None)
+
     def settle(self) -> None:
         """Before a verify re-check: let the ops already queued be acknowledged (bounded)."""
+        if self.async_mirror is not None:
+            try:
+                self.async_mirror.flush(max(10.0, self.svc.ack_timeout_s))
+            except AsyncMirrorError as exc:
+                self.svc.log.warning("verify: flushing the async mirror: %s", exc)
         link = self.link
         if link is not None:
             link.wait_idle(min(5.0, self.svc.ack_timeout_s))
@@ -448,6 +461,7 @@ class MirrorService:
         bandwidth_mbps: float,
         log: logging.Logger,
         behind_grace_s: float = 2.0,
+        force_async: bool = False,
     ) -> None:
         self.dirs = [(Path(p), tuple(ex)) for p, ex in dirs]
         self.state_dir = state_dir
@@ -458,6 +472,8 @@ class MirrorService:
         self.bandwidth_mbps = bandwidth_mbps
         self.log = log
         self.behind_grace_s = behind_grace_s
+        self.force_async = force_async
+        self.async_reason: str | None = None  # why FUSE is not used (async mode), else None
         self.role: Literal["off", "primary", "secondary"] = "off"
         self.generation = ""
         self.last_error = ""
@@ -482,6 +498,7 @@ class MirrorService:
         await asyncio.to_thread(self._start_primary, generation)
 
     def _start_primary(self, generation: str) -> None:
+        from app.mirror.fusecheck import fuse_unavailable_reason
         from app.mirror.mount import MirrorMount
 
         with self._lock:
@@ -492,13 +509,24 @@ class MirrorService:
             self.generation = generation
             self._stop = threading.Event()
             self._prim = []
+            reason = "forced (force_async)" if self.force_async else fuse_unavailable_reason()
+            self.async_reason = reason
+            if reason is not None:
+                self.log.warning("FUSE unavailable (%s): asynchronous mirror (inotify)", reason)
             try:
                 for i, (path, excludes) in enumerate(self.dirs):
                     d = _DirPrimary(self, i, path, _Excluder(excludes))
                     self._prim.append(d)
                     d.journal = load_journal(journal_dir(self.state_dir, i, path), generation)
+                    _distrust_after_async(d.journal)
                     clean_stale_mount(path)  # left by a daemon that died as primary
                     d.root_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    if reason is not None:
+                        _touch(d.journal.state_dir / ASYNC_MARKER)
+                        d.async_mirror = AsyncMirror(path, d.async_sink, exclude=excludes,
+                                                     log=self.log)  # fmt: skip
+                        d.async_mirror.start()
+                        continue
                     d.mount = MirrorMount(path, d, exclude=excludes)
                     d.mount.start()
                     d.mount.wait_ready(10.0)
@@ -525,6 +553,11 @@ class MirrorService:
                     d.mount.stop()
                 except Exception as exc:
                     self.log.error("unmount of %s failed: %s", d.path, exc)
+            if d.async_mirror is not None:
+                d.async_mirror.stop(max(5.0, self.ack_timeout_s * 2))
+                d.async_mirror = None
+                if d.journal is not None and not d.journal_error:
+                    (d.journal.state_dir / ASYNC_MARKER).unlink(missing_ok=True)
             link = d.link
             if link is not None:
                 link.close("stopping")
@@ -710,8 +743,14 @@ class MirrorService:
     def _load_target_journal(self, index: int, path: Path) -> DirtyJournal | None:
         jdir = journal_dir(self.state_dir, index, path)
         try:
-            return DirtyJournal.load(jdir)
+            journal = DirtyJournal.load(jdir)
+            _distrust_after_async(journal)
+            return journal
         except JournalNotFound:
+            if (jdir / ASYNC_MARKER).exists():
+                journal = DirtyJournal(jdir, "")
+                _distrust_after_async(journal)
+                return journal
             return None
         except JournalError as exc:
             self.log.warning("journal of %s unreadable (%s): full compare", path, exc)
@@ -900,6 +939,22 @@ class MirrorService:
             self._stop_secondary()
             self.role = "off"
 
+    def _mode_status(self) -> dict[str, Any]:
+        if self.role != "primary":
+            return {"mode": None}
+        if self.async_reason is None:
+            return {"mode": "sync", "note": None}
+        mirrors = [d.async_mirror.status() for d in self._prim if d.async_mirror is not None]
+        lags = [m["lag_ms"] for m in mirrors]
+        notes = [str(m["note"]) for m in mirrors]
+        worst = "; ".join(dict.fromkeys(notes))
+        return {
+            "mode": "async",
+            "note": f"{worst or 'async'} (FUSE unavailable: {self.async_reason})",
+            "fuse_unavailable": self.async_reason,
+            "async": {"lag_ms": lags[0] if len(lags) == 1 else lags, "dirs": mirrors},
+        }
+
     def status(self) -> dict[str, Any]:
         links = [d.link for d in self._prim] + [d.link for d in self._sec]
         live = [lk for lk in links if lk is not None and not lk.closed]
@@ -913,6 +968,7 @@ class MirrorService:
             progress["eta_s"] = max(etas) if etas else None
         return {
             "role": self.role,
+            **self._mode_status(),
             "mirror_state": self.mirror_state(),
             "resync_state": self.resync_state(),
             "connected": bool(live) and len(live) == len(self.dirs),
@@ -941,3 +997,21 @@ class MirrorService:
             "full_compare_owed": any(d.flag.read() is not None for d in self._sec),
             "at": time.time(),
         }
+
+
+def _touch(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _distrust_after_async(journal: DirtyJournal) -> None:
+    """An async primary that did not stop cleanly may have written what its journal never saw
+    (the inotify mirror journals after the fact): its record is not trusted (full compare)."""
+    if (journal.state_dir / ASYNC_MARKER).exists() and journal.trusted:
+        try:
+            journal.invalidate("async mode ended without a clean stop: the record may miss writes")
+        except JournalError:
+            pass
