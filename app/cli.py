@@ -305,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate",
         type=float,
         default=100.0,
+        metavar="MBPS",
         help="hash at most MBPS Mbit/s (default 100; 0: no limit)",
     )
     sp.add_argument(

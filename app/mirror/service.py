@@ -23,6 +23,21 @@ How it works
     loaded from its journal, so a crashed ex-primary's unacknowledged writes are compared
     too). A new link for a directory replaces the old one.
 
+    Async fallback: when ``fuse_unavailable_reason()`` gives a reason (or ``force_async``),
+    ``start_primary`` runs an AsyncMirror (asyncmode.py) per directory instead of a mount; its
+    sink is the same replicator (journal, then the live link, waiting for the ack) with a
+    no-op ``local()``. ``status()`` says ``mode`` "async", its note and why FUSE was not used.
+    An ``async-primary`` marker in the journal dir, removed at a clean stop, makes the journal
+    untrusted after a crash (the inotify mirror journals after the fact).
+
+    Verify (primary, ``start_verify``/``verify_status``): a background thread runs verify.py's
+    Verifier on each directory over its live link.
+
+    Behind the back (secondary): a BehindWatcher (behind.py) per directory; the receiver's
+    applies are wrapped in ``applying(op)``; a change by anyone else raises a flag file that
+    the target-side ``start_resync`` turns into an untrusted activity log (full compare) and
+    that a finished resync clears.
+
     Exceptions: nothing but ``MirrorError`` subclasses and ``OSError`` (opening a directory,
     a mount) leaves the async methods; peer trouble is reported by the state methods.
 
