@@ -74,6 +74,8 @@ def render_state(state: dict[str, Any]) -> str:
                 f"  data: {data.get('freshness', '?')}, generation {data.get('generation', '?')}"
                 + (f", {data['mirror']}" if data.get("mirror") else "")
             )
+        if data.get("mirror_note"):
+            lines.append(f"  mirror: {data['mirror_note']}")
         resync = m.get("resync") or {}
         if resync.get("running"):
             lines.append(
