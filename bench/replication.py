@@ -42,8 +42,10 @@ Exceptions
 
 Known limits
     One machine, two cores shared by the workload, both daemons and (for ``fuse``) this
-    process's FUSE threads. The page cache is not dropped between targets; ``seq`` includes its
-    fsync so the cache does not hide the disk. Figures are from one run each.
+    process's FUSE threads. The page cache is not dropped between targets (``sync`` runs,
+    untimed, before each workload); ``seq`` includes its fsync so the cache does not hide the
+    disk, but a VM's disk cache may (the local figure is then above the physical disk's).
+    Figures are from one run each.
 """
 
 from __future__ import annotations
@@ -175,6 +177,7 @@ class Targets:
 
 
 def workload(t: Targets, script: Path, target: str, kind: str, n: int) -> dict[str, Any]:
+    subprocess.run(["sync"], check=False, timeout=600)  # untimed: no writeback left over
     out = t.checked(target, [sys.executable, str(script), kind, t.dirs[target], str(n)])
     try:
         result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
