@@ -12,7 +12,12 @@ How it works
     server would lose both), the other node must become ALONE Ready, and its copy, read from
     the host (``Lab.host_path``), must start with every acknowledged record, byte for byte.
     The killed node is restarted and the round ends once it is SECOND Ready and the survivor
-    PRIM Ready; the next round kills the other node.
+    PRIM Ready; the next round kills the other node (the primary of the next round).
+
+    A secondary that did not acknowledge in time was dropped by the primary (promise 1); it is
+    then stale and must go WAIT instead of taking over. Such a round counts only if the killed
+    primary's log says it dropped the secondary; the killed node is restarted, must come back
+    PRIM, and the acknowledged records are looked for on its copy.
 
     ``run_round`` and ``check_records`` are what tests/lab/test_mirror.py uses too.
 
@@ -88,13 +93,14 @@ def other(node: str) -> str:
 class Round:
     index: int
     killed: str
-    survivor: str
+    survivor: str  # the node that holds the records afterwards: the next primary
     delay_s: float
     acked: int
-    on_survivor: int  # complete records found on the survivor (acked or not)
+    on_survivor: int  # complete records on the survivor (acked or not)
     lost: int  # acknowledged records missing or damaged on the survivor
     failover_s: float
     rejoin_s: float
+    dropped: bool  # the primary had dropped the secondary before the kill: no failover
 
 
 def check_records(acked: bytes, copy: bytes) -> tuple[int, int, list[str]]:
@@ -146,35 +152,70 @@ def run_round(
     )
     err.close()
     delay = rng.uniform(0.2, 1.5)
+    log_from = _size(cluster.log_path(primary))
     time.sleep(delay)
     cluster.signal_daemon(primary, signal.SIGKILL)
     lab.signal(writer, signal.SIGKILL)
     t0 = time.monotonic()
     cluster.kill_node(primary)
     writer.wait(10)
+    seen: dict[str, Any] = {}
+
+    def settled() -> bool:
+        st = cluster.state(secondary) or {}
+        seen.update(st)
+        return (st.get("state"), st.get("substatus")) in (("ALONE", "Ready"), ("WAIT", "NotReady"))
+
     try:
-        cluster.wait_state(secondary, "ALONE", WAIT_S)
+        cluster.wait_for(settled, WAIT_S, f"{secondary} ALONE Ready (or WAIT)")
     except LabClusterError as exc:
         raise SoakError(f"round {index}: no failover to {secondary}: {exc}") from exc
     failover = time.monotonic() - t0
-    copy_path = lab.host_path(secondary, DATA_DIR) / "soak" / name
+    holder = secondary
+    dropped = seen.get("state") == "WAIT"
+    if dropped:
+        # Promise 1: a secondary that did not answer in time is dropped (the primary goes
+        # ALONE); it is then stale and must not be promoted. Only that excuses a WAIT.
+        log = cluster.log_path(primary).read_bytes()[log_from:]
+        if b"dropping the secondary" not in log:
+            raise SoakError(
+                f"round {index}: {secondary} went WAIT ({seen.get('reason')}) although "
+                f"{primary} never dropped it"
+            )
+    t1 = time.monotonic()
+    try:
+        cluster.start_node(primary)
+        if dropped:  # the killed node has the newer data: it comes back as the primary
+            holder = primary
+            cluster.wait_state(secondary, "SECOND", WAIT_S)
+            cluster.wait_state(primary, "PRIM", WAIT_S)
+    except LabClusterError as exc:
+        raise SoakError(f"round {index}: {primary} did not come back: {exc}") from exc
+    copy_path = lab.host_path(holder, DATA_DIR) / "soak" / name
     copy = copy_path.read_bytes() if copy_path.exists() else b""
     acked, complete, problems = check_records(acks.read_bytes(), copy)
     if problems:
         raise SoakError(
-            f"round {index} (killed {primary} after {delay:.2f} s): " + "; ".join(problems)
+            f"round {index} (killed {primary} after {delay:.2f} s, records read on {holder}): "
+            + "; ".join(problems)
         )
-    t1 = time.monotonic()
     try:
-        cluster.start_node(primary)
-        cluster.wait_state(primary, "SECOND", WAIT_S)
-        cluster.wait_state(secondary, "PRIM", WAIT_S)
+        if not dropped:
+            cluster.wait_state(primary, "SECOND", WAIT_S)
+            cluster.wait_state(secondary, "PRIM", WAIT_S)
     except LabClusterError as exc:
         raise SoakError(f"round {index}: {primary} did not rejoin: {exc}") from exc
     return Round(
-        index, primary, secondary, round(delay, 3), acked, complete, 0,
-        round(failover, 3), round(time.monotonic() - t1, 3),
+        index, primary, holder, round(delay, 3), acked, complete, 0,
+        round(failover, 3), round(time.monotonic() - t1, 3), dropped,
     )  # fmt: skip
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def prepare(cluster: LabCluster, primary: str = "node1") -> None:
@@ -187,10 +228,11 @@ def summary(rounds: list[Round]) -> dict[str, Any]:
     return {
         "rounds": len(rounds),
         "acked_records": sum(r.acked for r in rounds),
-        "records_on_survivors": sum(r.on_survivor for r in rounds),
+        "records_on_holders": sum(r.on_survivor for r in rounds),
         "unacked_records_kept": sum(r.on_survivor - r.acked for r in rounds),
         "lost_acked_records": sum(r.lost for r in rounds),
         "rounds_without_ack": sum(1 for r in rounds if r.acked == 0),
+        "rounds_secondary_dropped": sum(1 for r in rounds if r.dropped),
         "failover_s_median": round(statistics.median(fo), 3) if fo else None,
         "failover_s_max": fo[-1] if fo else None,
         "rejoin_s_median": round(statistics.median(r.rejoin_s for r in rounds), 3)
@@ -230,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"rejoin {r.rejoin_s} s",
                 flush=True,
             )
-            primary = other(primary)
+            primary = r.survivor  # the primary of the next round
     except (SoakError, LabError, LabClusterError, OSError, subprocess.SubprocessError) as exc:
         error = str(exc)
         print(f"soak_records: {error}", file=sys.stderr)
