@@ -84,6 +84,10 @@ def test_quick_benchmark_prints_every_figure_as_json_and_cleans_up() -> None:
         for stat in ("median_s", "p95_s"):
             assert isinstance(fig[stat], int | float) and fig[stat] > 0, (key, fig)
         assert fig["p95_s"] >= fig["median_s"], (key, fig)
+    replicated = result.get("mirrorha_default_replicated")
+    if replicated is not None and "error" not in replicated:  # only with app/mirror/service.py
+        assert replicated["n"] == QUICK_RUNS and replicated["median_s"] > 0, replicated
+        assert replicated["acknowledged_write_found"] == QUICK_RUNS, replicated  # promise 1
     assert isinstance(result["false_failovers"], int) and result["false_failovers"] >= 0
     assert result["soak_s"] == 20
     assert result["loss_pct"] == 1
