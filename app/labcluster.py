@@ -379,7 +379,7 @@ class LabCluster:
         for node in NODES:
             self.start_node(node)
         for node in NODES:
-            self.wait_state(node, "WAIT", timeout, sub="NotReady", reason_has="run prim")
+            self.wait_state(node, "WAIT", timeout, sub="NotReady", reason_has="first start")
         self.command_on("node1", "prim")
         self.wait_state("node1", "PRIM", timeout)
         self.wait_state("node2", "SECOND", timeout)
