@@ -5,17 +5,28 @@ How it works
 The journal is an activity log. ``mark(op)`` is called for every replicated operation *before*
 the operation is applied locally; it makes sure that what the op will touch is durably recorded:
 
-- data: per file (keyed by its current path, relative to the replicated root) a set of region
-  indexes ``offset // region_size``; a truncate or a FALLOC_FL_COLLAPSE/INSERT_RANGE marks a
-  *tail* (every region from its start to the end of the file);
+- data, at two granularities, per file (keyed by its current path, relative to the
+  replicated root):
+  * *regions* (``offset // region_size``, 1 MiB by default), durable before the op is applied
+    (fdatasync'd): the activity log proper. A truncate or a FALLOC_FL_COLLAPSE/INSERT_RANGE
+    marks a *tail* (every region from its start to the end of the file);
+  * *fine intervals*: the exact byte ranges written, widened to pages (4 KiB), kept sorted and
+    merged. They are appended to the log before the op is applied but *not* fdatasync'd, so a
+    random 4 KiB write into a region already recorded costs one write(2), not one fsync. They
+    are complete after a daemon crash in the same boot (the page cache outlives the process;
+    the log records its boot id) or after a clean close (a final ``Clean`` record, synced);
+    otherwise load drops them and the whole regions count. A write continuing a recorded
+    interval records to the end of its region at once: sequential I/O costs one record batch
+    (and one fsync) per region, as with regions alone.
 - namespace: paths whose entry was created, removed or renamed (Create, Mknod, Mkdir, Symlink,
   Link, Unlink, Rmdir, both ends of a Rename);
 - metadata: paths whose attributes changed (Chmod, Chown, Utimens, xattrs, the target of Link).
 
 When everything the op needs is already recorded (the common case: the region was marked
 before) ``mark`` returns without any I/O. Otherwise it appends records to ``dirty.log`` and
-fdatasyncs; concurrent callers share one fsync (group commit). A crash between ``mark`` and the
-write leaves an extra dirty region, never a missing one.
+fdatasyncs (only when a region or a namespace/metadata record is new: fine intervals are just
+appended); concurrent callers share one fsync (group commit). A crash between ``mark`` and the
+write leaves an extra dirty range, never a missing one.
 
 Records are replayed on load by the same pure ``State.apply`` that maintains the memory state
 (the record format and that state are in journal_state.py; this module holds the files, the
@@ -50,9 +61,13 @@ Limits and memory bounds
 ------------------------
 - Memory: about 60 bytes per dirty region (a Python int in a set) plus the path, for at most
   ``max_regions_per_file`` regions per file; past that the file is summarised as a tail from its
-  lowest dirty region (O(1)). At most ``max_paths`` paths are tracked (files + namespace +
-  metadata + origins); past that the journal invalidates itself ("too many changes") and frees
-  its maps: a full compare follows. Renames and Rmdir scan every tracked path (O(paths)).
+  lowest dirty region (O(1)). Fine intervals: about 100 bytes each, at most
+  ``max_spans_per_file`` per file; past that they are widened (64 KiB, then 1 MiB alignment...)
+  until half the cap is left, and past the region size the file falls back to whole regions
+  (a ``Coarse`` record, so a replay with another cap agrees). At most ``max_paths`` paths are
+  tracked (files + namespace + metadata + origins); past that the journal invalidates itself
+  ("too many changes") and frees its maps: a full compare follows. Renames and Rmdir scan
+  every tracked path (O(paths)).
 - A file with several hard links is recorded under the name its handle was opened by; the
   reintegrator must compare multiply-linked files (st_nlink > 1) in full.
 - Writes to a file unlinked while open are not recorded (no name can reach them).
@@ -88,6 +103,7 @@ from app.mirror.journal_state import RENAME_EXCHANGE, TO_EOF
 SNAPSHOT_NAME: Final = "dirty.snapshot"
 LOG_NAME: Final = "dirty.log"
 DEFAULT_REGION_SIZE: Final = 1 << 20
+BOOT_ID_PATH: Final = "/proc/sys/kernel/random/boot_id"
 FALLOC_FL_KEEP_SIZE: Final = 0x01
 FALLOC_FL_PUNCH_HOLE: Final = 0x02
 FALLOC_FL_COLLAPSE_RANGE: Final = 0x08
@@ -162,6 +178,14 @@ def _replace_file(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def boot_id() -> str:
+    """This boot's id (Linux); "" where unknown (then no log is trusted across a crash)."""
+    try:
+        return Path(BOOT_ID_PATH).read_text().strip()
+    except OSError:
+        return ""
+
+
 # --- the journal -----------------------------------------------------------------------------
 
 
@@ -182,13 +206,16 @@ class DirtyJournal:
         *,
         resolver: Resolver | None = None,
         max_regions_per_file: int = 65536,
+        max_spans_per_file: int = js.MAX_SPANS,
         max_paths: int = 1_000_000,
         compact_bytes: int = 4 << 20,
     ) -> None:
         if region_size <= 0:
             raise ValueError(f"region_size must be positive, not {region_size}")
-        self._setup(state_dir, resolver, max_regions_per_file, max_paths, compact_bytes)
-        self._state = js.State(0, base_generation, region_size)
+        self._setup(
+            state_dir, resolver, max_regions_per_file, max_spans_per_file, max_paths, compact_bytes
+        )
+        self._state = js.State(0, base_generation, region_size, max_spans_per_file)
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
             self._compact_locked()
@@ -200,19 +227,24 @@ class DirtyJournal:
         state_dir: Path,
         resolver: Resolver | None,
         max_regions_per_file: int,
+        max_spans_per_file: int,
         max_paths: int,
         compact_bytes: int,
     ) -> None:
         self._dir = state_dir
         self._resolver = resolver
         self._max_regions = max_regions_per_file
+        self._max_spans = max_spans_per_file
         self._max_paths = max_paths
         self._compact_bytes = compact_bytes
         self._cond = threading.Condition(threading.Lock())
         self._handles: dict[int, bytes | None] = {}
         self._queue: list[bytes] = []
         self._enqueued = 0  # batches enqueued
-        self._durable = 0  # batches durable
+        self._written = 0  # batches written to the log (in the page cache at least)
+        self._durable = 0  # batches durable (fdatasync'd)
+        self._last_sync = 0  # the last batch enqueued that needs an fdatasync
+        self._queue_sync = False  # a batch in the queue needs an fdatasync
         self._flushing = False
         self._failed: JournalWriteError | None = None
         self._closed = False
@@ -226,6 +258,7 @@ class DirtyJournal:
         *,
         resolver: Resolver | None = None,
         max_regions_per_file: int = 65536,
+        max_spans_per_file: int = js.MAX_SPANS,
         max_paths: int = 1_000_000,
         compact_bytes: int = 4 << 20,
     ) -> DirtyJournal:
@@ -236,7 +269,9 @@ class DirtyJournal:
         untrusted journal whose ``reason`` names the file and offset.
         """
         self = cls.__new__(cls)
-        self._setup(state_dir, resolver, max_regions_per_file, max_paths, compact_bytes)
+        self._setup(
+            state_dir, resolver, max_regions_per_file, max_spans_per_file, max_paths, compact_bytes
+        )
         snap_path, log_path = state_dir / SNAPSHOT_NAME, state_dir / LOG_NAME
         try:
             snap = snap_path.read_bytes()
@@ -248,7 +283,7 @@ class DirtyJournal:
         head = parsed.records[0] if parsed.records else None
         if not isinstance(head, js.Head):
             raise JournalCorrupt(f"{snap_path}: no valid head record at offset 0")
-        state = js.State(head.seq, head.base_generation, head.region_size)
+        state = js.State(head.seq, head.base_generation, head.region_size, max_spans_per_file)
         for rec in parsed.records[1:]:
             state.apply(rec)
         if parsed.end != len(snap):  # the snapshot is written atomically: never torn
@@ -260,6 +295,7 @@ class DirtyJournal:
         except OSError as exc:
             log = b""
             state.apply(js.Invalid(f"cannot read {log_path}: {exc}"))
+        fine_complete = True  # no log, or a stale one: the (fsync'd) snapshot has everything
         if log:
             lp = js.parse(log)
             lhead = lp.records[0] if lp.records else None
@@ -270,7 +306,16 @@ class DirtyJournal:
                     state.apply(rec)
                 if lp.corrupt_at is not None:
                     state.apply(js.Invalid(f"{log_path}: corrupt record at offset {lp.corrupt_at}"))
+                # Fine records are appended without fdatasync: all of them are in the file if
+                # it was written in this boot (the page cache outlives the process) or closed
+                # cleanly; otherwise some may be lost and only the regions are reliable.
+                boot = lp.records[1] if len(lp.records) > 1 else None
+                same_boot = isinstance(boot, js.Boot) and boot.boot_id == boot_id() != ""
+                clean = isinstance(lp.records[-1], js.Clean)
+                fine_complete = same_boot or clean
             # else: a stale log (a crash during compaction): its content is in the snapshot
+        if not fine_complete:
+            state.drop_fine()
         self._state = state
         try:
             self._compact_locked()
@@ -334,8 +379,9 @@ class DirtyJournal:
             self._check_open()
             self._quiesce_locked()
             rs = self._state.region_size
-            self._state = js.State(self._state.seq, new_base_generation, rs)
-            self._queue, self._durable = [], self._enqueued
+            self._state = js.State(self._state.seq, new_base_generation, rs, self._max_spans)
+            self._queue, self._queue_sync = [], False
+            self._written = self._durable = self._enqueued
             try:
                 self._compact_locked()
             except OSError as exc:
@@ -374,6 +420,12 @@ class DirtyJournal:
                 self._quiesce_locked()
             while self._flushing:
                 self._cond.wait()
+            if self._failed is None and self._state.trusted:
+                try:  # every record is on disk: a later boot may trust the fine intervals
+                    _write_all(self._log_fd, js.frame(js.Clean()))
+                    os.fdatasync(self._log_fd)
+                except OSError:
+                    pass  # without the mark, a later boot uses whole regions: still correct
             self._close_locked()
 
     def __enter__(self) -> DirtyJournal:
@@ -387,11 +439,8 @@ class DirtyJournal:
     def dirty_files(self) -> Iterator[tuple[bytes, list[tuple[int, int]]]]:
         """(path, merged (offset, length) ranges) per file; a length TO_EOF runs to the end."""
         with self._cond:
-            size = self._state.region_size
-            out = [
-                (path, js.merge(list(f.regions), f.tail, size))
-                for path, f in self._state.files.items()
-            ]
+            st = self._state
+            out = [(path, st.file_ranges(f)) for path, f in st.files.items()]
         return iter(sorted(out))
 
     def namespace_paths(self) -> set[bytes]:
@@ -410,15 +459,10 @@ class DirtyJournal:
             return self._state.origin(path)
 
     def bytes_dirty(self) -> int:
-        """Estimated bytes to send: dirty regions, and tails up to their highest marked region."""
+        """Estimated bytes to send: dirty ranges, and tails up to their highest marked region."""
         with self._cond:
-            size = self._state.region_size
-            total = 0
-            for f in self._state.files.values():
-                total += len(f.regions) * size
-                if f.tail is not None:
-                    total += (max(f.high, f.tail) - f.tail + 1) * size
-            return total
+            st = self._state
+            return sum(st.file_bytes(f) for f in st.files.values())
 
     # --- internals ----------------------------------------------------------------------
 
@@ -455,6 +499,27 @@ class DirtyJournal:
         if len(f.regions) + len(needed) > self._max_regions:
             return [js.Tail(path, min(lo, *f.regions), max(hi, *f.regions))]
         return [js.Mark(path, needed)]
+
+    def _fine(self, path: bytes | None, lo: int, hi: int) -> list[js.Record]:
+        """A Fine record for bytes [lo, hi) of ``path`` unless they are recorded already.
+
+        A write that continues a recorded interval (sequential I/O) records up to the end of
+        its region at once, so a stream of small writes costs one record per region.
+        """
+        if path is None or hi <= lo:
+            return []
+        st = self._state
+        f = st.files.get(path)
+        if f is not None:
+            if f.spans is None or (f.tail is not None and lo >= f.tail * st.region_size):
+                return []
+            span = js.span_covering(f.spans, lo)
+            if span is not None:
+                if span[1] >= hi:
+                    return []
+                rs = st.region_size
+                hi = max(hi, ((hi - 1) // rs + 1) * rs)
+        return [js.Fine(path, ((lo, hi),))]
 
     def _tail(self, path: bytes | None, start: int) -> list[js.Record]:
         if path is None:
@@ -493,7 +558,9 @@ class DirtyJournal:
                 if not data:
                     return []
                 target = self._handle_path(fh)
-                return self._data(target, offset // rs, (offset + len(data) - 1) // rs)
+                end = offset + len(data)
+                coarse = self._data(target, offset // rs, (end - 1) // rs)
+                return coarse + self._fine(target, offset, end)
             case ops.Truncate(fh, path, length):
                 target = self._handle_path(fh) if fh >= 0 else path
                 return self._tail(target, length // rs)
@@ -501,12 +568,16 @@ class DirtyJournal:
                 target = self._handle_path(fh)
                 if mode & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE):
                     return self._tail(target, offset // rs)
-                if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
-                    return self._data(target, offset // rs, (offset + length - 1) // rs)
-                if mode & FALLOC_FL_KEEP_SIZE or length <= 0:
+                if length <= 0:
                     return []
-                end = (offset + length - 1) // rs  # the size may grow: list the file
-                return self._data(target, end, end)
+                end = offset + length
+                if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                    data_recs = self._data(target, offset // rs, (end - 1) // rs)
+                    return data_recs + self._fine(target, offset, end)
+                if mode & FALLOC_FL_KEEP_SIZE:
+                    return []
+                last = (end - 1) // rs  # the size may grow: list the file
+                return self._data(target, last, last) + self._fine(target, end - 1, end)
             case ops.Mknod(path=path) | ops.Mkdir(path=path) | ops.Symlink(path=path):
                 return [js.New(path)]
             case ops.Unlink(path):
@@ -538,19 +609,34 @@ class DirtyJournal:
             ):
                 return [] if path in st.metadata else [js.Meta(path)]
 
+    def _fell_back(self, path: bytes) -> bool:
+        f = self._state.files.get(path)
+        return f is not None and f.spans is None
+
     def _commit_locked(self, recs: list[js.Record]) -> None:
-        """Apply ``recs`` in memory, queue them, wait until they and all before are durable."""
+        """Apply ``recs`` in memory, queue them, and wait until they are written and every
+        record that must be durable (all but Fine records) is fdatasync'd, theirs and those
+        queued before."""
         if recs:
+            sync = not all(isinstance(rec, js.Fine) for rec in recs)
             for rec in recs:
                 self._state.apply(rec)
                 self._queue.append(js.frame(rec))
+                if isinstance(rec, js.Fine) and self._fell_back(rec.path):
+                    # Past the cap the file fell back to whole regions and later writes inside
+                    # them record nothing: say so explicitly, whatever cap a replay uses.
+                    self._queue.append(js.frame(js.Coarse(rec.path)))
             if self._state.trusted and self._state.path_count() > self._max_paths:
                 rec = js.Invalid(f"more than {self._max_paths} paths changed; compare everything")
                 self._state.apply(rec)
                 self._queue.append(js.frame(rec))
+                sync = True
             self._enqueued += 1
-        target = self._enqueued
-        while self._durable < target:
+            if sync:
+                self._last_sync = self._enqueued
+                self._queue_sync = True
+        written, durable = self._enqueued, self._last_sync
+        while self._written < written or self._durable < durable:
             if self._failed is not None:
                 raise self._failed
             if self._flushing:
@@ -561,8 +647,10 @@ class DirtyJournal:
             self._compact_or_fail_locked()
 
     def _flush_locked(self, *, release: bool) -> None:
-        """Write and fdatasync every queued record (releasing the lock during I/O if asked)."""
+        """Write every queued record, fdatasync if one of them needs it (releasing the lock
+        during I/O if asked)."""
         batch, self._queue = b"".join(self._queue), []
+        sync, self._queue_sync = self._queue_sync, False
         upto = self._enqueued
         self._flushing = True
         error: OSError | None = None
@@ -570,7 +658,8 @@ class DirtyJournal:
             self._cond.release()
         try:
             _write_all(self._log_fd, batch)
-            os.fdatasync(self._log_fd)
+            if sync:
+                os.fdatasync(self._log_fd)
         except OSError as exc:
             error = exc
         finally:
@@ -582,7 +671,9 @@ class DirtyJournal:
             self._failed = JournalWriteError(f"cannot append to {self._dir / LOG_NAME}: {error}")
             raise self._failed from error
         self._log_size += len(batch)
-        self._durable = max(self._durable, upto)
+        self._written = max(self._written, upto)
+        if sync:
+            self._durable = max(self._durable, upto)
 
     def _quiesce_locked(self) -> None:
         """Wait for the running flush, then flush the queue: memory == disk afterwards."""
@@ -592,7 +683,7 @@ class DirtyJournal:
             return
         if self._queue:
             self._flush_locked(release=False)
-        self._durable = self._enqueued
+        self._written = self._durable = self._enqueued
 
     def _compact_or_fail_locked(self) -> None:
         try:
@@ -607,6 +698,7 @@ class DirtyJournal:
         st.seq += 1
         _replace_file(self._dir / SNAPSHOT_NAME, b"".join(map(js.frame, st.records())))
         head = js.frame(js.Head(st.seq, st.base_generation, st.region_size))
+        head += js.frame(js.Boot(boot_id()))
         _replace_file(self._dir / LOG_NAME, head)
         fd = os.open(self._dir / LOG_NAME, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         if self._log_fd >= 0:

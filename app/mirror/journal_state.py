@@ -27,6 +27,7 @@ Known limits
 
 from __future__ import annotations
 
+import bisect
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -34,15 +35,25 @@ from typing import Final, TypeVar
 
 #: Length of a range that runs to the end of the file (clip every range to the file's length).
 TO_EOF: Final = 1 << 62
+#: Alignment of the fine (exact) dirty intervals: a page.
+FINE_SIZE: Final = 4096
+#: Fine intervals kept per file before they are widened (see ``State._add_fine``).
+MAX_SPANS: Final = 8192
 RENAME_EXCHANGE: Final = 2
 
 V = TypeVar("V")
 
 __all__ = [
+    "FINE_SIZE",
+    "MAX_SPANS",
     "RENAME_EXCHANGE",
     "TO_EOF",
+    "Boot",
+    "Clean",
     "Clear",
+    "Coarse",
     "FileState",
+    "Fine",
     "Gone",
     "Head",
     "Invalid",
@@ -56,10 +67,13 @@ __all__ = [
     "Rename",
     "State",
     "Tail",
+    "add_span",
+    "align",
     "frame",
     "merge",
     "parse",
     "renamed",
+    "span_covering",
 ]
 
 
@@ -84,6 +98,33 @@ class Tail:
     path: bytes
     start: int
     high: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fine:
+    """Exact dirty byte intervals ``(start, end)`` of ``path`` (aligned to the fine size)."""
+
+    path: bytes
+    spans: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Coarse:
+    """``path``'s fine intervals are not known: its dirty ranges are its whole regions."""
+
+    path: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Boot:
+    """The boot the log was started in (a log of this boot lost no appended record)."""
+
+    boot_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Clean:
+    """The journal was closed cleanly: every record before it is on disk."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +170,23 @@ class Invalid:
     reason: str
 
 
-Record = Head | Mark | Tail | New | Gone | Rename | Meta | Ns | Origin | Clear | Invalid
+Record = (
+    Head
+    | Mark
+    | Tail
+    | Fine
+    | Coarse
+    | Boot
+    | Clean
+    | New
+    | Gone
+    | Rename
+    | Meta
+    | Ns
+    | Origin
+    | Clear
+    | Invalid
+)
 
 _MAGIC: Final = 0xD17E
 _FRAME = struct.Struct(">HII")
@@ -154,6 +211,15 @@ def _payload(rec: Record) -> bytes:
             return b"M" + _blob(path) + _U32.pack(n) + struct.pack(f">{n}Q", *regions)
         case Tail(path, start, high):
             return b"T" + _blob(path) + _U64.pack(start) + _U64.pack(high)
+        case Fine(path, spans):
+            flat = [x for span in spans for x in span]
+            return b"F" + _blob(path) + _U32.pack(len(spans)) + struct.pack(f">{len(flat)}Q", *flat)
+        case Coarse(path):
+            return b"W" + _blob(path)
+        case Boot(boot_id):
+            return b"B" + _blob(boot_id.encode())
+        case Clean():
+            return b"K"
         case New(path):
             return b"N" + _blob(path)
         case Gone(path):
@@ -214,6 +280,20 @@ def _decode(payload: bytes) -> Record:
             rec = Mark(path, struct.unpack(f">{n}Q", r.take(8 * n)))
         elif kind == b"T":
             rec = Tail(r.blob(), r.u64(), r.u64())
+        elif kind == b"F":
+            path = r.blob()
+            n = r.u32()
+            flat = struct.unpack(f">{2 * n}Q", r.take(16 * n))
+            spans = tuple(zip(flat[0::2], flat[1::2], strict=True))
+            if any(a >= b for a, b in spans):
+                raise _Malformed("empty or reversed fine interval")
+            rec = Fine(path, spans)
+        elif kind == b"W":
+            rec = Coarse(r.blob())
+        elif kind == b"B":
+            rec = Boot(r.blob().decode())
+        elif kind == b"K":
+            rec = Clean()
         elif kind == b"N":
             rec = New(r.blob())
         elif kind == b"G":
@@ -321,11 +401,44 @@ def _rekey_set(s: set[bytes], old: bytes, new: bytes, exchange: bool) -> None:
             s.add(k2)
 
 
+def add_span(spans: list[tuple[int, int]], lo: int, hi: int) -> None:
+    """Insert ``[lo, hi)`` into sorted disjoint ``spans``, joining overlapping or touching ones."""
+    i = bisect.bisect_left(spans, (lo, lo))
+    if i > 0 and spans[i - 1][1] >= lo:
+        i -= 1
+        lo = spans[i][0]
+    j = i
+    while j < len(spans) and spans[j][0] <= hi:
+        hi = max(hi, spans[j][1])
+        j += 1
+    spans[i:j] = [(lo, hi)]
+
+
+def span_covering(spans: list[tuple[int, int]], pos: int) -> tuple[int, int] | None:
+    """The span of ``spans`` holding byte ``pos`` or ending exactly at it (None: none)."""
+    i = bisect.bisect_right(spans, (pos, 1 << 63)) - 1
+    if i >= 0 and spans[i][1] >= pos:
+        return spans[i]
+    return None
+
+
+def align(spans: list[tuple[int, int]], grain: int) -> list[tuple[int, int]]:
+    """``spans`` widened to multiples of ``grain`` and joined."""
+    out: list[tuple[int, int]] = []
+    for a, b in spans:
+        add_span(out, a // grain * grain, -(-b // grain) * grain)
+    return out
+
+
 @dataclass(slots=True)
 class FileState:
     regions: set[int] = field(default_factory=set)
     tail: int | None = None  # every region >= tail is dirty
     high: int = 0  # highest region marked inside the tail (for estimates)
+    # Exact dirty byte intervals [start, end), sorted and disjoint; None: not known (coarse:
+    # the dirty ranges are the whole regions).
+    spans: list[tuple[int, int]] | None = field(default_factory=list)
+    grain: int = 0  # alignment of new spans after a collapse (0: the fine size)
 
     def covers(self, region: int) -> bool:
         return region in self.regions or (self.tail is not None and region >= self.tail)
@@ -334,16 +447,80 @@ class FileState:
 class State:
     """Everything the journal knows, changed only by ``apply(record)``; no I/O."""
 
-    def __init__(self, seq: int, base_generation: str, region_size: int) -> None:
+    def __init__(
+        self, seq: int, base_generation: str, region_size: int, max_spans: int = MAX_SPANS
+    ) -> None:
         self.seq = seq
         self.base_generation = base_generation
         self.region_size = region_size
+        self.max_spans = max(2, max_spans)
         self.trusted = True
         self.reason = ""
         self.files: dict[bytes, FileState] = {}
         self.namespace: set[bytes] = set()
         self.metadata: set[bytes] = set()
         self.origins: dict[bytes, bytes | None] = {}
+
+    @property
+    def fine_size(self) -> int:
+        return min(FINE_SIZE, self.region_size)
+
+    def _add_fine(self, f: FileState, spans: tuple[tuple[int, int], ...]) -> None:
+        if f.spans is None:
+            return
+        grain = f.grain or self.fine_size
+        limit = TO_EOF if f.tail is None else f.tail * self.region_size
+        for lo, hi in spans:
+            hi = min(hi, limit)
+            if lo < hi:
+                add_span(f.spans, lo // grain * grain, -(-hi // grain) * grain)
+        if len(f.spans) <= self.max_spans:
+            return
+        # Too many intervals: widen them (x16 each step) until at most half the cap is left;
+        # past the region size the file falls back to its whole regions.
+        while len(f.spans) > self.max_spans // 2:
+            grain *= 16
+            if grain >= self.region_size:
+                f.spans, f.grain = None, 0
+                return
+            f.spans, f.grain = align(f.spans, grain), grain
+
+    def file_ranges(self, f: FileState) -> list[tuple[int, int]]:
+        """The dirty (offset, length) ranges of ``f``, merged; a length TO_EOF runs to the end."""
+        rs = self.region_size
+        if f.spans is None:
+            return merge(list(f.regions), f.tail, rs)
+        spans = list(f.spans)
+        for r in f.regions:  # a region marked without a fine interval counts whole (defensive)
+            lo, hi = r * rs, (r + 1) * rs
+            i = bisect.bisect_left(f.spans, (hi, 0)) - 1
+            if i < 0 or f.spans[i][1] <= lo:
+                add_span(spans, lo, hi)
+        ranges = [(a, b - a) for a, b in spans]
+        if f.tail is not None:
+            t = f.tail * rs
+            ranges = [(a, min(n, t - a)) for a, n in ranges if a < t]
+            if ranges and ranges[-1][0] + ranges[-1][1] >= t:
+                ranges[-1] = (ranges[-1][0], TO_EOF)
+            else:
+                ranges.append((t, TO_EOF))
+        return ranges
+
+    def file_bytes(self, f: FileState) -> int:
+        """Estimated dirty bytes of ``f``: its ranges, and its tail up to its highest region."""
+        rs = self.region_size
+        if f.spans is None:
+            total = len(f.regions) * rs
+        else:
+            total = sum(n for _, n in self.file_ranges(FileState(f.regions, None, 0, f.spans)))
+        if f.tail is not None:
+            total += (max(f.high, f.tail) - f.tail + 1) * rs
+        return total
+
+    def drop_fine(self) -> None:
+        """Forget every fine interval (they may be incomplete): whole regions count."""
+        for f in self.files.values():
+            f.spans, f.grain = None, 0
 
     def path_count(self) -> int:
         return len(self.files) + len(self.namespace) + len(self.metadata) + len(self.origins)
@@ -380,6 +557,16 @@ class State:
                 f.tail = start if f.tail is None else min(f.tail, start)
                 f.high = max(f.high, high, start)
                 f.regions = {r for r in f.regions if r < f.tail}
+                if f.spans is not None:
+                    t = f.tail * self.region_size
+                    f.spans = [(a, min(b, t)) for a, b in f.spans if a < t]
+            case Fine(path, spans):
+                self._add_fine(self.files.setdefault(path, FileState()), spans)
+            case Coarse(path):
+                f = self.files.setdefault(path, FileState())
+                f.spans, f.grain = None, 0
+            case Boot() | Clean():
+                pass
             case New(path):
                 self.files.pop(path, None)
                 self.metadata.discard(path)
@@ -429,6 +616,10 @@ class State:
                 out.append(Mark(path, tuple(sorted(f.regions))))
             if f.tail is not None:
                 out.append(Tail(path, f.tail, f.high))
+            if f.spans is None:
+                out.append(Coarse(path))
+            elif f.spans:
+                out.append(Fine(path, tuple(f.spans)))
         out.extend(Ns(p) for p in self.namespace)
         out.extend(Meta(p) for p in self.metadata)
         out.extend(Origin(p, o) for p, o in self.origins.items())

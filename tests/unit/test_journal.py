@@ -87,7 +87,7 @@ def test_torn_last_record_is_ignored_and_nothing_written_before_is_lost(tmp_path
     j.close()
     size_after = log_size(tmp_path)
     assert size_after > size_before
-    os.truncate(tmp_path / jm.LOG_NAME, (size_before + size_after) // 2)  # a crash mid-append
+    os.truncate(tmp_path / jm.LOG_NAME, size_before + 5)  # a crash mid-append
 
     again = jm.load(tmp_path)
     assert again.trusted, again.reason
@@ -371,6 +371,233 @@ def test_a_failed_fsync_refuses_every_later_mark(
     j.reset("g2")  # a sync point repairs it
     j.mark(Write(1, RS, b"x"))
     assert list(j.dirty_files()) == [(b"a", [(16, 16)])]
+
+
+# --- fine intervals (exact dirty ranges inside the durable regions) ---------------------------
+
+MIB = 1 << 20
+PAGE = 4096
+
+
+def count_fdatasyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting)
+    return calls
+
+
+def test_scattered_page_writes_are_recorded_exactly_and_survive_a_reload(tmp_path: Path) -> None:
+    j = DirtyJournal(tmp_path, "g")  # the default 1 MiB regions
+    assert j.region_size == jm.DEFAULT_REGION_SIZE == MIB
+    offsets = [7 * PAGE, 3 * MIB + 5 * PAGE, 3 * MIB + 9 * PAGE, 40 * MIB]
+    for off in offsets:
+        write(j, b"db", off, PAGE)
+    write(j, b"db", 3 * MIB + 6 * PAGE + 10, 1)  # one byte: its page
+    expected = [
+        (7 * PAGE, PAGE),
+        (3 * MIB + 5 * PAGE, 2 * PAGE),
+        (3 * MIB + 9 * PAGE, PAGE),
+        (40 * MIB, PAGE),
+    ]
+    assert list(j.dirty_files()) == [(b"db", expected)]
+    assert j.bytes_dirty() == 5 * PAGE
+    j.mark(Truncate(-1, b"db", 3 * MIB + 100))  # the tail starts at region 3
+    tail = [(7 * PAGE, PAGE), (3 * MIB, TO_EOF)]
+    assert list(j.dirty_files()) == [(b"db", tail)]
+    j.close()
+    assert list(jm.load(tmp_path).dirty_files()) == [(b"db", tail)]
+
+
+def test_a_sequential_mib_costs_one_durable_record_not_one_per_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j = DirtyJournal(tmp_path, "g")
+    j.mark(Open(1, b"log"))
+    syncs = count_fdatasyncs(monkeypatch)
+    start = log_size(tmp_path)
+    for i in range(2 * 256):  # 2 MiB in 4 KiB writes
+        j.mark(Write(1, i * PAGE, b"x" * PAGE))
+        if i == 1:
+            after_two = log_size(tmp_path)
+    assert len(syncs) == 2  # one per region
+    grown_per_region = (log_size(tmp_path) - start) / 2
+    assert grown_per_region <= (after_two - start) + 64  # a handful of records, not 256
+    assert list(j.dirty_files()) == [(b"log", [(0, 2 * MIB)])]
+
+
+def test_a_new_interval_in_a_recorded_region_is_written_without_fdatasync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j = DirtyJournal(tmp_path, "g")
+    write(j, b"f", 0, PAGE)
+    syncs = count_fdatasyncs(monkeypatch)
+    size = log_size(tmp_path)
+    write(j, b"f", 100 * PAGE, PAGE)  # same region, new page: appended, not fsync'd
+    assert syncs == [] and log_size(tmp_path) > size
+    write(j, b"f", 100 * PAGE + 10, 20)  # already recorded: no I/O at all
+    assert log_size(tmp_path) > size and syncs == []
+    size = log_size(tmp_path)
+    write(j, b"f", 100 * PAGE + 10, 20)
+    assert log_size(tmp_path) == size
+    write(j, b"f", 5 * MIB, 1)  # a new region: durable first
+    assert len(syncs) == 1
+
+
+def test_fine_intervals_after_a_crash_need_this_boot_or_a_clean_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    boot = tmp_path / "boot_id"
+    boot.write_text("boot-1\n")
+    monkeypatch.setattr(jm, "BOOT_ID_PATH", str(boot))
+    jdir = tmp_path / "j"
+    j = DirtyJournal(jdir, "g")
+    write(j, b"f", 0, PAGE)
+    write(j, b"f", 9 * PAGE, PAGE)  # appended without fdatasync
+    exact = [(b"f", [(0, PAGE), (9 * PAGE, PAGE)])]
+    # a daemon crash (no close): same boot, the page cache kept every appended record
+    crashed = jm.load(jdir)
+    assert list(crashed.dirty_files()) == exact
+    crashed.close()
+    # a clean close, then a reboot: the Clean mark says every record reached the disk
+    boot.write_text("boot-2\n")
+    again = jm.load(jdir)
+    assert list(again.dirty_files()) == exact
+    write(again, b"f", 20 * PAGE, PAGE)
+    # a machine crash (no close) then a reboot: records may be lost, whole regions count
+    boot.write_text("boot-3\n")
+    rebooted = jm.load(jdir)
+    assert rebooted.trusted
+    assert list(rebooted.dirty_files()) == [(b"f", [(0, MIB)])]
+    write(rebooted, b"f", 3 * MIB, PAGE)  # still coarse for that file, exact for others
+    write(rebooted, b"g", 3 * MIB, PAGE)
+    assert list(rebooted.dirty_files()) == [
+        (b"f", [(0, MIB), (3 * MIB, MIB)]),
+        (b"g", [(3 * MIB, PAGE)]),
+    ]
+    rebooted.close()
+    assert list(jm.load(jdir).dirty_files()) == list(rebooted.dirty_files())
+
+
+def test_a_torn_fine_record_leaves_its_whole_region_dirty(tmp_path: Path) -> None:
+    j = DirtyJournal(tmp_path, "g")
+    write(j, b"a", 0, PAGE)
+    size = log_size(tmp_path)
+    write(j, b"b", 2 * MIB + PAGE, PAGE)  # Mark(region 2) + Fine in one batch
+    j.close()
+    data = (tmp_path / jm.LOG_NAME).read_bytes()
+    mark_len = len(jm.js.frame(jm.js.Mark(b"b", (2,))))
+    os.truncate(tmp_path / jm.LOG_NAME, size + mark_len + 7)  # the Fine record is torn
+    assert len(data) > size + mark_len + 7
+    again = jm.load(tmp_path)
+    assert again.trusted
+    assert list(again.dirty_files()) == [(b"a", [(0, PAGE)]), (b"b", [(2 * MIB, MIB)])]
+
+
+def test_too_many_intervals_are_widened_then_fall_back_to_regions(tmp_path: Path) -> None:
+    j = DirtyJournal(tmp_path, "g", 1 << 20, max_spans_per_file=8)
+    offsets = [i * 128 * 1024 for i in range(9)]  # nine scattered pages in two regions
+    for off in offsets:
+        write(j, b"f", off, PAGE)
+    ranges = dict(j.dirty_files())[b"f"]
+    assert len(ranges) <= 4
+    for off in offsets:  # everything written is still covered
+        assert any(a <= off and off + PAGE <= a + n for a, n in ranges)
+    assert all(a % (64 * 1024) == 0 for a, _ in ranges)  # widened to 64 KiB
+    for i in range(64):  # far too many: whole regions
+        write(j, b"f", i * 64 * 1024 + PAGE, 1)
+    assert dict(j.dirty_files())[b"f"] == [(0, 4 * MIB)]
+    j.close()
+    assert dict(jm.load(tmp_path).dirty_files())[b"f"] == [(0, 4 * MIB)]
+
+
+def test_concurrent_fine_marks_in_one_region_lose_nothing(tmp_path: Path) -> None:
+    j = DirtyJournal(tmp_path, "g", compact_bytes=4096)  # compactions run meanwhile
+    write(j, b"f", 0, PAGE)
+    threads, per_thread = 6, 40
+    barrier = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            j.mark(Open(10 + n, b"f"))
+            for i in range(per_thread):
+                j.mark(Write(10 + n, (2 + 2 * (i * threads + n)) * PAGE, b"w"))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(timeout=60)
+    assert not errors
+    pages = [(0, PAGE)] + [((2 + 2 * k) * PAGE, PAGE) for k in range(threads * per_thread)]
+    assert list(j.dirty_files()) == [(b"f", pages)]
+    j.close()
+    assert list(jm.load(tmp_path).dirty_files()) == [(b"f", pages)]
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["w", "w", "w", "t", "p"]),
+            st.integers(0, 300_000),
+            st.integers(1, 20_000),
+        ),
+        max_size=40,
+    )
+)
+def test_every_written_byte_is_in_the_dirty_ranges(ops_list: list[tuple[str, int, int]]) -> None:
+    """Writes, truncates and punched holes on one file, small caps: every changed byte is in
+    ``dirty_files`` in memory, after a reload and after a reload in another boot."""
+    with tempfile.TemporaryDirectory() as d:
+        jdir = Path(d)
+        j = DirtyJournal(jdir, "g", 64 * 1024, max_spans_per_file=6, max_regions_per_file=6)
+        j.mark(Open(1, b"f"))
+        changed: list[tuple[int, int]] = []
+        for kind, off, ln in ops_list:
+            if kind == "w":
+                j.mark(Write(1, off, b"x" * ln))
+                changed.append((off, off + ln))
+            elif kind == "p":
+                j.mark(Fallocate(1, jm.FALLOC_FL_PUNCH_HOLE | jm.FALLOC_FL_KEEP_SIZE, off, ln))
+                changed.append((off, off + ln))
+            else:
+                j.mark(Truncate(1, b"", off))
+                changed.append((off, TO_EOF))
+
+        def check(ranges: list[tuple[int, int]]) -> None:
+            for lo, hi in changed:
+                pos = lo
+                for a, n in ranges:
+                    if a <= pos < a + n:
+                        pos = min(hi, a + n)
+                assert pos >= hi, (lo, hi, ranges)
+
+        files = dict(j.dirty_files())
+        check(files.get(b"f", []))
+        j.close()
+        check(dict(jm.load(jdir).dirty_files()).get(b"f", []))
+        j2 = jm.load(jdir)
+        j2.mark(Open(1, b"f"))
+        j2.mark(Write(1, 0, b"y"))  # a log with no Clean mark: then "reboot"
+        changed.append((0, 1))
+        real = jm.BOOT_ID_PATH
+        try:
+            jm.BOOT_ID_PATH = os.path.join(d, "other-boot")  # type: ignore[misc]
+            Path(jm.BOOT_ID_PATH).write_text("another boot")
+            check(dict(jm.load(jdir).dirty_files()).get(b"f", []))
+        finally:
+            jm.BOOT_ID_PATH = real  # type: ignore[misc]
 
 
 # --- model-based test ------------------------------------------------------------------------
