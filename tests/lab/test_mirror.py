@@ -54,6 +54,13 @@ def lab_cluster(**opts: Any) -> Iterator[LabCluster]:
         lab.up()
         c = LabCluster(lab, **{"pulse_ms": 100, "timeout_ms": 500, **opts})
         yield c
+    except BaseException:
+        if c is not None:  # the daemons' last words, for the failure report
+            for node in ("node1", "node2"):
+                with contextlib.suppress(OSError):
+                    tail = c.log_path(node).read_text(errors="replace").splitlines()[-40:]
+                    print(f"---- {node}'s log (last lines)", *tail, sep="\n")
+        raise
     finally:
         if c is not None:
             c.stop_all()
