@@ -45,6 +45,7 @@ ENCODING = "utf-8"
 ERRORS = "surrogateescape"
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
+MAX_WRITE = 1 << 20  # bytes per FUSE write request (kernel limit: fs.fuse.max_pages_limit)
 
 log = logging.getLogger("app.mirror.fusefs")
 

@@ -93,6 +93,7 @@ from app.mirror.exclude import Exclusions
 from app.mirror.fusebinding import (
     ENCODING,
     ERRORS,
+    MAX_WRITE,
     MOUNT_OPTIONS,
     UTIME_NOW,
     UTIME_OMIT,
@@ -781,6 +782,9 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
             config_3.direct_io = 0  # page cache on, so shared writable mmap works
         if conn_info is not None:
             conn_info.want &= ~FUSE_CAP_WRITEBACK_CACHE
+            # Writes of up to MAX_WRITE per request instead of 128 KiB (libfuse asks the kernel
+            # for max_pages to match): one round trip to the peer per MiB, not eight.
+            conn_info.max_write = MAX_WRITE
 
     def close_all(self) -> None:
         """Close the local fds of handles the kernel never released (after an abort)."""
