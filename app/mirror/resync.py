@@ -53,6 +53,7 @@ import stat
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ from typing import Final, Protocol
 
 from app.mirror import ops
 from app.mirror.errors import ApplyError, ChannelError, ProtocolError, ResyncError
+from app.mirror.journal_state import TO_EOF
 from app.mirror.protocol import (
     MAX_DATA,
     Ack,
@@ -75,6 +77,9 @@ from app.mirror.receiver import Receiver
 BLOCK: Final = 64 * 1024
 DIGEST: Final = 16
 SUMS_CHUNK: Final = 16  # blocks hashed per query (1 MiB: bounds the ordering lock hold time)
+SUMS_AHEAD: Final = 8  # block-sum queries in flight per file (hides the round trip)
+PAGE: Final = 4096  # alignment of the ranges an incremental plan sends
+COPY_CHUNK: Final = 1 << 20  # bytes read and queued per ordering-lock hold when sending data
 LIST_PAGE: Final = 2048
 RESYNC_FH_BASE: Final = 1 << 62
 WINDOW_OPS: Final = 256
@@ -344,7 +349,7 @@ def plan_incremental(source: ActivityLog, target: ActivityLog, full: bool = Fals
         for path, rs in log.files:
             if not any(under(path, d) for d in deep):
                 ranges.setdefault(path, []).extend(rs)
-    files = tuple(sorted((p, tuple(merge_ranges(rs))) for p, rs in ranges.items()))
+    files = tuple(sorted((p, tuple(merge_ranges(rs, PAGE))) for p, rs in ranges.items()))
     meta = sorted(
         {
             p
@@ -951,29 +956,72 @@ class Reintegrator:
             if remote is None or remote.size != size:
                 self._send(ops.Truncate(fh, b"", size), path)
         try:
-            nblocks = -(-size // BLOCK)
-            todo = list(range(nblocks)) if ranges is None else blocks_in(ranges, size)
-            if remote is None:
-                self._copy_blocks(fd, fh, path, todo, [])
+            if remote is None or remote.size == 0:
+                # Nothing to compare with: send the data as it is.
+                self._send_range(fd, fh, path, 0, TO_EOF)
+            elif ranges is not None:
+                # Incremental, trusted logs: the ranges hold every difference; send their
+                # current bytes without asking the target for checksums first.
+                for off, ln in ranges:
+                    self._send_range(fd, fh, path, off, ln)
             else:
-                for i in range(0, len(todo), SUMS_CHUNK):
-                    chunk = todo[i : i + SUMS_CHUNK]
-                    self._compare_chunk(fd, fh, path, chunk)
+                self._compare(fd, fh, path, list(range(-(-size // BLOCK))))
             with self.order:
                 self._send(ops.Release(fh), path)
         finally:
             os.close(fd)
         self._attrs(path, local, remote, times=True, force_times=True)
 
-    def _compare_chunk(self, fd: int, fh: int, path: bytes, chunk: list[int]) -> None:
-        self._check()
-        lo, hi = chunk[0], chunk[-1]
-        with self.order:
-            size = os.fstat(fd).st_size
-            mine = block_sums(fd, lo, hi - lo + 1, size)
-            ticket = self._query(QUERY_SUMS, path, lo, hi - lo + 1)
+    def _send_range(self, fd: int, fh: int, path: bytes, off: int, ln: int) -> None:
+        """Make the target's bytes [off, off + ln) (clipped to our size) equal ours: holes are
+        punched, data written; COPY_CHUNK bytes per ordering-lock hold (BLOCK if throttled)."""
+        pos, stop = off, off + ln
+        # Throttled: one block per step, so the sleeps stay short and a stop is seen soon.
+        step = BLOCK if self.throttle.rate > 0 else COPY_CHUNK
+        for _ in range(1 << 40):
+            self._check()
+            sent = 0
+            with self.order:
+                end = min(os.fstat(fd).st_size, stop, pos + step)
+                if pos >= end:
+                    return
+                extents = data_extents(fd, pos, end)
+                if extents != [(pos, end - pos)]:
+                    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+                    self._send(ops.Fallocate(fh, mode, pos, end - pos), path)
+                for eoff, eln in extents:
+                    data = os.pread(fd, eln, eoff)
+                    if data:
+                        self._send(ops.Write(fh, eoff, data), path)
+                        sent += len(data)
+            self.progress.bytes_done += end - pos
+            pos = end
+            self._drain(WINDOW_OPS, WINDOW_BYTES)
+            self.throttle.take(sent)
+
+    def _compare(self, fd: int, fh: int, path: bytes, todo: list[int]) -> None:
+        """Compare ``todo`` blocks by checksum, SUMS_AHEAD queries in flight, and send the
+        differing ones."""
+        ahead: deque[tuple[list[int], list[Sum], Ticket]] = deque()
+        for i in range(0, len(todo), SUMS_CHUNK):
+            self._check()
+            chunk = todo[i : i + SUMS_CHUNK]
+            lo, hi = chunk[0], chunk[-1]
+            with self.order:
+                size = os.fstat(fd).st_size
+                mine = block_sums(fd, lo, hi - lo + 1, size)
+                ticket = self._query(QUERY_SUMS, path, lo, hi - lo + 1)
+            ahead.append((chunk, mine, ticket))
+            if len(ahead) >= SUMS_AHEAD:
+                self._compared(fd, fh, path, *ahead.popleft())
+        while ahead:
+            self._compared(fd, fh, path, *ahead.popleft())
+
+    def _compared(
+        self, fd: int, fh: int, path: bytes, chunk: list[int], mine: list[Sum], ticket: Ticket
+    ) -> None:
         theirs = decode_sums(self._reply(ticket, f"sums {path!r}"))
-        wanted = set(chunk)
+        lo, wanted = chunk[0], set(chunk)
         diff = [lo + i for i in differing(mine, theirs) if lo + i in wanted]
         self.progress.bytes_done += (len(chunk) - len(diff)) * BLOCK
         self._copy_blocks(fd, fh, path, diff, [])

@@ -3,8 +3,10 @@ an in-memory source/target pair over two temporary directories (no sockets, no F
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
+import random
 import threading
 from pathlib import Path
 
@@ -76,7 +78,8 @@ def test_plan_unions_both_logs_and_skips_what_a_deep_path_covers() -> None:
     plan = plan_incremental(src, dst, False)
     assert not plan.full
     assert plan.deep == (b"d", b"n/y")
-    assert plan.files == ((b"g", ((0, 2 * BLOCK),)), (b"h", ((0, BLOCK),)))
+    page = resync.PAGE  # incremental ranges are page-aligned, not block-aligned
+    assert plan.files == ((b"g", ((0, page), (BLOCK, page))), (b"h", ((0, page),)))
     assert plan.meta == (b"m",)
 
 
@@ -144,12 +147,15 @@ class MemoryOutlet:
         self.responder = responder
         self.ids = 0
         self.data_bytes = 0
+        self.sums_queries = 0
 
     def submit(self, make):  # type: ignore[no-untyped-def]
         self.ids += 1
         ev = make(self.ids)
         if isinstance(ev, protocol.Request) and isinstance(ev.op, resync.ops.Write):
             self.data_bytes += len(ev.op.data)
+        if isinstance(ev, protocol.ResyncQuery) and ev.kind == resync.QUERY_SUMS:
+            self.sums_queries += 1
         reply = self.responder.handle(ev)
         assert reply is not None
         return _Done(reply)
@@ -223,4 +229,71 @@ def test_incremental_sends_only_the_logged_ranges(tmp_path: Path) -> None:
     log = ActivityLog(True, True, "", ((b"f", ((5 * BLOCK, 300),)),))
     out = _sync(src, dst, False, log)
     assert (dst / "f").read_bytes() == (src / "f").read_bytes()
-    assert out.data_bytes == BLOCK
+    assert out.data_bytes == resync.PAGE  # the page written, not its 64 KiB block
+    assert out.sums_queries == 0  # a trusted log needs no checksum round trip
+
+
+def test_incremental_scattered_pages_send_about_the_bytes_changed(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    rng = random.Random(5)
+    size = 4 << 20
+    for name in ("a", "b"):
+        payload = rng.randbytes(size)
+        (src / name).write_bytes(payload)
+        (dst / name).write_bytes(payload)
+    ranges: dict[bytes, list[tuple[int, int]]] = {b"a": [], b"b": []}
+    page = resync.PAGE
+    for _ in range(60):
+        name = rng.choice((b"a", b"b"))
+        off = rng.randrange(size // page) * page
+        with open(src / name.decode(), "r+b") as f:
+            f.seek(off)
+            f.write(rng.randbytes(page))
+        ranges[name].append((off, page))
+    changed = sum(ln for rs in ranges.values() for _, ln in set(rs))
+    log = ActivityLog(True, True, "", tuple((p, tuple(rs)) for p, rs in sorted(ranges.items())))
+    out = _sync(src, dst, False, log)
+    assert _tree(src) == _tree(dst)
+    assert out.data_bytes == changed
+
+
+def test_incremental_range_that_is_a_hole_on_the_source_is_punched(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    payload = os.urandom(64 * resync.PAGE)
+    (src / "f").write_bytes(payload)
+    (dst / "f").write_bytes(payload)
+    fd = os.open(src / "f", os.O_RDWR)
+    try:
+        punch = resync.FALLOC_FL_PUNCH_HOLE | resync.FALLOC_FL_KEEP_SIZE
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+        if libc.fallocate(fd, punch, 8 * resync.PAGE, 8 * resync.PAGE) != 0:
+            pytest.skip(f"this filesystem cannot punch holes (errno {ctypes.get_errno()})")
+    finally:
+        os.close(fd)
+    log = ActivityLog(True, True, "", ((b"f", ((8 * resync.PAGE, 8 * resync.PAGE),)),))
+    out = _sync(src, dst, False, log)
+    assert (dst / "f").read_bytes() == (src / "f").read_bytes()
+    assert out.data_bytes == 0
+    fd = os.open(dst / "f", os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 8 * resync.PAGE, resync.SEEK_DATA) >= 16 * resync.PAGE
+    finally:
+        os.close(fd)
+
+
+def test_full_sync_into_missing_or_empty_files_asks_for_no_checksums(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "new").write_bytes(os.urandom(3 * BLOCK + 5))
+    (src / "empty-there").write_bytes(os.urandom(2 * BLOCK))
+    (dst / "empty-there").write_bytes(b"")
+    out = _sync(src, dst, True)
+    assert _tree(src) == _tree(dst)
+    assert out.sums_queries == 0
+    assert out.data_bytes == 5 * BLOCK + 5
