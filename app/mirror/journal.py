@@ -16,8 +16,8 @@ the operation is applied locally; it makes sure that what the op will touch is d
     are complete after a daemon crash in the same boot (the page cache outlives the process;
     the log records its boot id) or after a clean close (a final ``Clean`` record, synced);
     otherwise load drops them and the whole regions count. A write continuing a recorded
-    interval records to the end of its region at once: sequential I/O costs one record batch
-    (and one fsync) per region, as with regions alone.
+    interval records ahead as far as the interval is long (within its region): sequential I/O
+    costs one fsync per region, as with regions alone, and a few appended records.
 - namespace: paths whose entry was created, removed or renamed (Create, Mknod, Mkdir, Symlink,
   Link, Unlink, Rmdir, both ends of a Rename);
 - metadata: paths whose attributes changed (Chmod, Chown, Utimens, xattrs, the target of Link).
@@ -503,8 +503,10 @@ class DirtyJournal:
     def _fine(self, path: bytes | None, lo: int, hi: int) -> list[js.Record]:
         """A Fine record for bytes [lo, hi) of ``path`` unless they are recorded already.
 
-        A write that continues a recorded interval (sequential I/O) records up to the end of
-        its region at once, so a stream of small writes costs one record per region.
+        A write that continues a recorded interval (sequential I/O) records as far ahead as
+        the interval is long, within its region: a stream of small writes costs about
+        log2(region / write) appended records per region (one fsync), two random neighbouring
+        pages one extra page.
         """
         if path is None or hi <= lo:
             return []
@@ -517,8 +519,11 @@ class DirtyJournal:
             if span is not None:
                 if span[1] >= hi:
                     return []
+                # Sequential: record ahead as far as the run is long (so a stream costs a few
+                # records per region, two random neighbours a page), within the region.
                 rs = st.region_size
-                hi = max(hi, ((hi - 1) // rs + 1) * rs)
+                region_end = ((hi - 1) // rs + 1) * rs
+                hi = max(hi, min(region_end, hi + (span[1] - span[0])))
         return [js.Fine(path, ((lo, hi),))]
 
     def _tail(self, path: bytes | None, start: int) -> list[js.Record]:
