@@ -8,9 +8,12 @@ How it works
     goes over it; its replicator (``_DirPrimary.apply``) marks the DirtyJournal (in
     ``<state_dir>/mirror/<i>-<hash>/``), then, under one ordering lock, runs ``local()`` and
     queues the op on the link when the peer is being resynced or live, then waits for the
-    answer outside the lock (pipelined). A timeout, a disconnect, or a Nack while live drops the
-    peer (``mirror_state`` "dropped"); the op stays in the journal; the application sees only
-    the local result. A background connector keeps (re)connecting with bounded backoff; a fresh
+    answer outside the lock (pipelined). A Write is queued before its local write (both sides
+    write at once; a local failure then drops the peer, the journal covers the region); an
+    Fsync is queued under the lock and the local fsync runs outside it, alongside the peer's.
+    A timeout, a disconnect, or a Nack while live drops the peer (``mirror_state``
+    "dropped"); the op stays in the journal; the application sees only the local result.
+    A background connector keeps (re)connecting with bounded backoff; a fresh
     link carries nothing until ``start_resync("source")`` ran a resync on it (resync.py);
     ResyncDone is sent under the ordering lock once nothing is left to redo, and from then on
     the link is live. Handles the application opened before that are announced (``Open``)
@@ -209,19 +212,48 @@ class _DirPrimary:
                 self.svc.log.error("replication degraded: %s", exc)
         pending: Pending | None = None
         link = None
+        if isinstance(op, ops.Fsync):
+            # Queued in order (the peer's fsync covers every op sent before it); the local
+            # fsync runs outside the ordering lock, at the same time as the peer's: writers
+            # are not held up by our disk flush, and the two flushes overlap.
+            with self.order:
+                if self.mode != "idle" and self.link is not None:
+                    link = self.link
+                    pending = self._forward(link, op)
+            try:
+                return local()
+            finally:
+                self._acknowledged(link, pending)
         with self.order:
-            result = local()
-            self._track(op)
-            if self.mode != "idle" and self.link is not None:
+            if isinstance(op, ops.Write) and self.mode != "idle" and self.link is not None:
+                # Sent before the local write so the peer writes while we do. If the local
+                # write then fails, the peer has bytes we do not: drop it; the region is in
+                # the journal (marked above), so the resync puts our copy back on the peer.
                 link = self.link
                 pending = self._forward(link, op)
+                try:
+                    result = local()
+                except BaseException as exc:
+                    if pending is not None:
+                        self.drop(link, f"local write failed after it was sent: {exc}")
+                    raise
+            else:
+                result = local()
+                self._track(op)
+                if self.mode != "idle" and self.link is not None:
+                    link = self.link
+                    pending = self._forward(link, op)
+        self._acknowledged(link, pending)
+        return result
+
+    def _acknowledged(self, link: Link | None, pending: Pending | None) -> None:
+        """Wait (outside the ordering lock) for the peer's answer; drop it on a timeout."""
         if pending is not None and link is not None:
             try:
                 pending.wait(self.svc.ack_timeout_s)
                 self.svc.acks += 1
             except ChannelError as exc:
                 self.drop(link, f"no acknowledgement: {exc}")
-        return result
 
     def _track(self, op: ops.Op) -> None:
         match op:
