@@ -3,13 +3,22 @@
 How it works
     ``handshake(sock, conn, timeout)`` runs the mutual HMAC handshake on a blocking socket
     (bounded by ``timeout``). A ``Link`` then owns the authenticated socket with two threads:
-    the sender writes queued frames in order, the reader feeds the Connection and dispatches:
-    Ack/Nack/ResyncReply resolve the ``Pending`` of their id; Requests, resync queries and
-    Pings go to ``handler(event) -> reply`` in the reader thread, in stream order (the
-    secondary applies ops there). ``Link.submit(make)`` allocates the next id, encodes and
+    the sender finishes what could not be written at once, the reader feeds the Connection
+    and dispatches: Ack/Nack/ResyncReply resolve the ``Pending`` of their id; Requests, resync
+    queries and Pings go to ``handler(event) -> reply`` in the reader thread, in stream order
+    (the secondary applies ops there). ``Link.submit(make)`` allocates the next id, encodes and
     queues the frame under one lock, so frames leave in the order of the calls: callers that
     need an order across threads (the replicator) call it under their own ordering lock and
     wait for the answer outside it (pipelining).
+
+    Sending (the hot path): the thread that queues a frame, when nobody is sending, writes
+    the queue itself with a non-blocking ``send`` (every frame queued meanwhile by other
+    threads goes in the same call); only what the socket buffer cannot take is handed to the
+    sender thread, which blocks in ``sendall``. So a caller never blocks on the socket (a
+    frozen peer is caught by the caller's answer timeout, as before) and a small frame costs
+    no thread switch. The reader queues its replies and writes them when it has no complete
+    frame left to handle, and before handling an Fsync (which may take long): acks of a burst
+    go out in one write, and still only after their op was applied.
 
     ``connect(host, port, conn, timeout)`` and ``Listener`` make the sockets (TCP_NODELAY,
     SO_KEEPALIVE with short probes). The listener authenticates each client in its own thread
@@ -28,12 +37,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import queue
 import socket
 import threading
 import time
 from collections.abc import Callable
 
+from app.mirror import ops
 from app.mirror.errors import ChannelError, MirrorError, ProtocolError
 from app.mirror.protocol import (
     Ack,
@@ -44,6 +53,7 @@ from app.mirror.protocol import (
     Nack,
     Ping,
     Pong,
+    Request,
     ResyncReply,
 )
 
@@ -88,28 +98,36 @@ def handshake(sock: socket.socket, conn: Connection, timeout: float) -> None:
 
 
 class Pending:
-    """The answer to one submitted frame; ``wait`` returns it or raises ChannelError."""
+    """The answer to one submitted frame; ``wait`` returns it or raises ChannelError.
 
-    __slots__ = ("_done", "_error", "_result", "on_result")
+    A lock held from creation and released by ``resolve``: one primitive per frame, and the
+    waiter wakes with no Condition in between.
+    """
+
+    __slots__ = ("_done", "_error", "_gate", "_result", "on_result")
 
     def __init__(self) -> None:
-        self._done = threading.Event()
+        self._gate = threading.Lock()
+        self._gate.acquire()
+        self._done = False
         self._result: Event | None = None
         self._error: str | None = None
         self.on_result: Callable[[Event | None], None] | None = None
 
     def resolve(self, result: Event | None, error: str | None = None) -> None:
-        if self._done.is_set():
+        if self._done:
             return
+        self._done = True  # resolved once: by the reader, or by close() after a pop
         self._result, self._error = result, error
         if self.on_result is not None:
             with contextlib.suppress(Exception):
                 self.on_result(result)
-        self._done.set()
+        self._gate.release()
 
     def wait(self, timeout: float) -> Event:
-        if not self._done.wait(timeout):
+        if not self._gate.acquire(timeout=max(0.0, timeout)):
             raise ChannelError(f"no answer within {timeout} s")
+        self._gate.release()  # let another wait() (or a second call) see it too
         if self._result is None:
             raise ChannelError(self._error or "connection closed")
         return self._result
@@ -137,7 +155,11 @@ class Link:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._pending: dict[int, Pending] = {}
-        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._out_lock = threading.Lock()
+        self._out: list[bytes | memoryview] = []  # frames not written yet, in order
+        self._sending = False  # a thread owns the socket's sending side (see _write_out)
+        self._handoff = threading.Event()  # the sender thread owns it: finish with sendall
+        self._replies = False  # the reader queued replies it has not written yet
         self._closed = threading.Event()
         self.close_reason = ""
         self.bytes_sent = 0
@@ -192,16 +214,70 @@ class Link:
                 pending.resolve(None, f"cannot send: {exc}")
                 return pending
             self._pending[ident] = pending
-            self._queue.put(data)
             self.frames_sent += 1
+            mine = self._enqueue(data)
+        if mine:
+            self._write_out()
         return pending
 
     def _send_reply(self, event: Event) -> None:
+        """Queue a reply (reader thread); ``_flush_replies`` writes it."""
         with self._lock:
             if self._closed.is_set():
                 return
             data = self.conn.send(event)
-            self._queue.put(data)
+            with self._out_lock:
+                self._out.append(data)
+        self._replies = True
+
+    def _flush_replies(self) -> None:
+        if self._replies:
+            self._replies = False
+            with self._out_lock:
+                mine = bool(self._out) and not self._sending
+                if mine:
+                    self._sending = True
+            if mine:
+                self._write_out()
+
+    def _enqueue(self, data: bytes) -> bool:
+        """Queue ``data`` (caller holds ``_lock``); True: the caller must now write it out."""
+        with self._out_lock:
+            self._out.append(data)
+            if self._sending:
+                return False
+            self._sending = True
+            return True
+
+    def _take_out(self) -> bytes | memoryview | None:
+        """Everything queued, as one buffer; None (and the socket released) when empty."""
+        with self._out_lock:
+            if not self._out:
+                self._sending = False
+                return None
+            out = self._out
+            self._out = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _write_out(self) -> None:
+        """Write the queue without blocking; the sender thread takes over what is left."""
+        while not self._closed.is_set():
+            data = self._take_out()
+            if data is None:
+                return
+            try:
+                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self.close(f"send failed: {exc}")
+                return
+            self.bytes_sent += sent
+            if sent < len(data):
+                with self._out_lock:
+                    self._out.insert(0, memoryview(data)[sent:])
+                self._handoff.set()  # the sender thread owns the socket now
+                return
 
     def close(self, reason: str) -> None:
         with self._lock:
@@ -210,7 +286,7 @@ class Link:
             self.close_reason = reason
             self._closed.set()
             pending, self._pending = self._pending, {}
-            self._queue.put(None)
+            self._handoff.set()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         for p in pending.values():
@@ -227,13 +303,19 @@ class Link:
             self.sock.close()
 
     def _send_loop(self) -> None:
+        """Finish, blocking, what a caller could not write at once (it handed us the socket)."""
         try:
             while True:
-                data = self._queue.get()
-                if data is None:
+                self._handoff.wait()
+                self._handoff.clear()
+                while not self._closed.is_set():
+                    data = self._take_out()
+                    if data is None:
+                        break
+                    self.sock.sendall(data)
+                    self.bytes_sent += len(data)
+                if self._closed.is_set():
                     return
-                self.sock.sendall(data)
-                self.bytes_sent += len(data)
         except OSError as exc:
             self.close(f"send failed: {exc}")
 
@@ -242,6 +324,7 @@ class Link:
             for _ in itertools.count():
                 ev = self.conn.next_event()
                 if ev is None:
+                    self._flush_replies()  # nothing left to apply: acknowledge the burst
                     data = self.sock.recv(_RECV)
                     self.bytes_received += len(data)
                     self.conn.receive_data(data)
@@ -268,6 +351,8 @@ class Link:
             return
         if self.handler is None:
             raise ProtocolError(f"unexpected {type(ev).__name__}")
+        if isinstance(ev, Request) and isinstance(ev.op, ops.Fsync):
+            self._flush_replies()  # a disk flush may take long: do not hold earlier acks
         reply = self.handler(ev)
         if reply is None:
             raise ProtocolError(f"no answer for {type(ev).__name__}")
