@@ -58,7 +58,7 @@ def lab_cluster(**opts: Any) -> Iterator[LabCluster]:
         if c is not None:  # the daemons' last words, for the failure report
             for node in ("node1", "node2"):
                 with contextlib.suppress(OSError):
-                    tail = c.log_path(node).read_text(errors="replace").splitlines()[-40:]
+                    tail = c.log_path(node).read_text(errors="replace").splitlines()[-80:]
                     print(f"---- {node}'s log (last lines)", *tail, sep="\n")
         raise
     finally:
