@@ -22,10 +22,13 @@ How it works
     deep compare of the whole tree. Otherwise: namespace paths of both logs (source journal
     and the target's own activity log, which covers writes a crashed ex-primary applied but
     never had acknowledged) are reconciled deeply, shallowest first; data files only in their
-    dirty ranges (union of both logs, merged, block aligned); metadata paths for attributes.
-    Every file block considered is compared by checksum (BLAKE2b-128 per 64 KiB block plus a
-    "whole block is a hole" flag): only differing blocks are sent; holes are punched where
-    the source has them.
+    dirty ranges (union of both logs, merged, page aligned); metadata paths for attributes.
+    Data files of an incremental plan are not compared: the logs say every difference is in
+    their ranges, so the ranges' current bytes are sent (read under the ordering lock, 1 MiB
+    per hold; parts that are holes here, found with SEEK_DATA/SEEK_HOLE, are punched there).
+    Deep paths, full plans and multiply-linked files are compared by checksum (BLAKE2b-128 per
+    64 KiB block plus a "whole block is a hole" flag, SUMS_AHEAD queries in flight): only
+    differing blocks are sent. A file missing or empty on the target is sent as it is.
 
 Exceptions (errors.py): ``ResyncError`` (the target refused, the pass limit was hit),
 ``ChannelError`` (the connection failed; from the Outlet), ``ProtocolError`` (a malformed
