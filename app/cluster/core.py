@@ -747,10 +747,17 @@ def _go_alone_from_prim(s: Snapshot, why: str) -> Decision:
 def _decide_alone(s: Snapshot, cfg: CoreConfig) -> Decision:
     p = s.peer
     rel = _relation(s)
-    if not _peer_active(p) and not _peer_out_cleanly(p) and p.state is State.SECOND:
-        # The peer was a SECOND: it may have finished its resync and consider itself up to
-        # date (and take over), and our writes since then were replicated under the shared
-        # generation. Treat the loss as a PRIM does: new generation, witness rule.
+    if (
+        not _peer_active(p)
+        and not _peer_out_cleanly(p)
+        and p.state is State.SECOND
+        and rel is Relation.EQUAL
+    ):
+        # The peer was a SECOND that had finished its resync (it holds our generation): it may
+        # consider itself up to date (and take over), and our writes since then were
+        # replicated under the shared generation. Treat the loss as a PRIM does: new
+        # generation, witness rule. Once our new generation is started the relation is no
+        # longer EQUAL, so this runs once per loss, not on every tick.
         return _primary_lost_peer(s, cfg)
     if not _peer_active(p):
         return _stay(

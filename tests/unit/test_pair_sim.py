@@ -650,3 +650,21 @@ def test_cut_then_primary_crash_then_heal_does_not_promote_stale_data() -> None:
     pair.run_for(20)
     assert pair.b.state is State.WAIT, pair.story("node2 failed over onto stale data")
     assert not pair.b.vip
+
+
+def test_alone_primary_that_loses_its_fresh_second_starts_one_generation_and_settles() -> None:
+    """Found in the lab: an ALONE node that lost a SECOND it had just resynced made a new
+    generation on every tick and never left ALONE Transient."""
+    pair = running_pair(witness=False)
+    pair.crash(pair.a)
+    pair.run_for(10)
+    assert pair.b.state is State.ALONE
+    pair.boot(pair.a)
+    pair.run_for(20)
+    assert pair.primary() is pair.b and pair.a.state is State.SECOND
+    pair.crash(pair.a)  # the freshly resynced SECOND dies while b is PRIM or ALONE
+    pair.run_for(10)
+    gen = pair.b.gen.current
+    pair.run_for(10)
+    assert pair.b.state is State.ALONE and pair.b.sub is Sub.READY, pair.story("not settled")
+    assert pair.b.gen.current == gen, pair.story("a new generation on every tick")
