@@ -747,6 +747,15 @@ class MirrorService:
         await asyncio.to_thread(self._start_resync, role, full)
 
     def _start_resync(self, role: Literal["source", "target"], full: bool) -> None:
+        if role == "source":
+            # A session cut short (the link dropped) may still have its worker winding down:
+            # stop it and wait (bounded), or the new session would never start for that dir.
+            with self._lock:
+                old = [d.worker for d in self._prim if d.worker is not None and d.worker.is_alive()]
+                if old:
+                    self._resync_stop.set()
+            for w in old:
+                w.join(timeout=15)
         with self._lock:
             if role == "source":
                 if self.role != "primary":
@@ -754,6 +763,7 @@ class MirrorService:
                 self._resync_stop = threading.Event()
                 for d in self._prim:
                     if d.worker is not None and d.worker.is_alive():
+                        self.log.error("resync of %s: the previous session did not end", d.path)
                         continue
                     if d.mode != "idle" and d.resync == "done":
                         continue
