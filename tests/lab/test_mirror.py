@@ -576,12 +576,6 @@ def write_marks(c: LabCluster, node: str) -> None:
     c.lab.run(node, ["sh", "-c", f"echo {node} wrote this > {DATA_DIR}/only-{node}.txt"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app/cluster/core.py _decide_alone: an ALONE whose peer was last seen SECOND calls "
-    "_primary_lost_peer on every tick, so the primary that lost its SECOND stays ALONE "
-    "Transient forever (a NewGeneration per tick) and never becomes ALONE Ready",
-)
 def test_split_brain_without_witness_loser_keeps_its_file_in_quarantine() -> None:
     with lab_cluster(witness=False) as c:
         c.first_start(timeout=60)
