@@ -747,18 +747,17 @@ def _go_alone_from_prim(s: Snapshot, why: str) -> Decision:
 def _decide_alone(s: Snapshot, cfg: CoreConfig) -> Decision:
     p = s.peer
     rel = _relation(s)
-    if (
-        not _peer_active(p)
-        and not _peer_out_cleanly(p)
-        and p.state is State.SECOND
-        and rel is Relation.EQUAL
-    ):
-        # The peer was a SECOND that had finished its resync (it holds our generation): it may
-        # consider itself up to date (and take over), and our writes since then were
-        # replicated under the shared generation. Treat the loss as a PRIM does: new
-        # generation, witness rule. Once our new generation is started the relation is no
-        # longer EQUAL, so this runs once per loss, not on every tick.
-        return _primary_lost_peer(s, cfg)
+    if not _peer_active(p) and not _peer_out_cleanly(p) and p.state is State.SECOND:
+        # The peer was a SECOND: it may have finished its resync and consider itself up to
+        # date (and take over), and our writes since then were replicated under the shared
+        # generation. Treat the loss as a PRIM does: new generation, witness rule; once,
+        # not on every tick (Goal.LOST remembers it until the peer is heard again).
+        if s.goal is Goal.LOST:
+            return _stay(s, f"ALONE: {cfg.peer} {_peer_text(p)}; primary alone", goal=Goal.LOST)
+        d = _primary_lost_peer(s, cfg)
+        if any(isinstance(a, NewGeneration) for a in d.actions):
+            d = replace(d, goal=Goal.LOST)
+        return d
     if not _peer_active(p):
         return _stay(
             s,

@@ -96,6 +96,7 @@ class Goal(enum.StrEnum):
     SWAP = "swap"  # this primary stopped for a swap; wait for the peer to take over
     RESUME = "resume"  # a primary paused (freeze, checker wait): may resume alone
     FAILED = "failed"  # a critical action failed: WAIT on the way to STOP
+    LOST = "lost"  # a primary already reacted to losing its SECOND (new generation)
 
 
 class Script(enum.StrEnum):

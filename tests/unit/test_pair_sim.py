@@ -668,3 +668,21 @@ def test_alone_primary_that_loses_its_fresh_second_starts_one_generation_and_set
     pair.run_for(10)
     assert pair.b.state is State.ALONE and pair.b.sub is Sub.READY, pair.story("not settled")
     assert pair.b.gen.current == gen, pair.story("a new generation on every tick")
+
+
+def test_cut_while_the_rejoined_second_finishes_its_resync_never_gives_two_primaries() -> None:
+    """Found by Hypothesis: node1 crashes and rejoins as SECOND; a cut (witness with node1)
+    falls between its resync finishing and node2 hearing of it. node1 takes over with the
+    witness; node2, which lost a SECOND, must ask the witness too (and step down)."""
+    pair = running_pair()
+    pair.crash(pair.a)
+    for _ in range(9):
+        pair.step()
+    pair.boot(pair.a)
+    for _ in range(5):
+        pair.step()
+    pair.partition(witness_with=pair.a)
+    for _ in range(9):
+        pair.step()
+    pair.run_for(10)
+    assert not (pair.a.vip and pair.b.vip), pair.story("two VIP holders")
