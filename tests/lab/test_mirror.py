@@ -406,6 +406,14 @@ def test_postgresql_on_the_mirror_identical_and_starts_on_the_survivor() -> None
         c.lab.signal(bench, signal.SIGKILL)
         bench.wait(10)
         c.wait_state("node2", "ALONE", timeout=60)
+        # The lab's hosts share one PID namespace: postgres on node2 would take a node1 PID
+        # that is still being reaped for a live postmaster. Two real servers do not share
+        # PIDs, so wait (bounded) until node1's postgres processes are gone from /proc.
+        c.wait_for(
+            lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids),
+            30,
+            "node1's killed postgres processes to be reaped",
+        )
         pg2 = Postgres(c, "node2", pgdata)
         pg2.start()
         try:
