@@ -27,9 +27,15 @@ Faults
     node cut from the witness has its br-pub port disabled (it then also loses the client, which
     it reaches through the witness). ``heal()`` undoes both. ``netem()`` uses ``tc qdisc netem``
     on the host's interface (and, with ``both_ways``, on the switch port towards it). Where the
-    kernel has no sch_netem, packet loss falls back to an nftables netdev egress rule (``nft``
-    must be installed: Debian package ``nftables``); delay and jitter then raise
-    :class:`LabUnsupported`.
+    kernel has no sch_netem, packet loss alone falls back to an nftables netdev egress rule
+    (``nft`` must be installed: Debian package ``nftables``), and delay or jitter start the
+    userspace impairment hub (app/labimpair.py) for that network: its switch ports leave the
+    bridge and a relay in the switch namespace forwards frames between them, impairing frames
+    sent by ``host`` (and, with ``both_ways``, frames sent to it) only; once a network is in
+    hub mode, every netem() on it (loss too) goes to the hub, and partition() flags are applied
+    by the hub. Hub jitter reorders frames, as netem's does. ``clear_netem()`` of the last
+    impaired host, ``reset_faults()`` and ``down()`` stop the hub and put the ports back on
+    the bridge. netem() returns the mechanism used: "netem", "nftables" or "hub".
 
 Teardown
     :meth:`Lab.down` is idempotent: it kills (SIGKILL, by process group) every process the lab
@@ -44,7 +50,7 @@ Teardown
 Exceptions
     LabError
     ├── LabUnavailable     not root, a tool (ip, tc, nsenter, unshare, mount) missing, no netns
-    ├── LabUnsupported     the kernel or the tools lack a feature (netem delay without sch_netem)
+    ├── LabUnsupported     the kernel or the tools lack a feature (loss with neither netem nor nft)
     └── LabCommandError    a command failed (also a subprocess.CalledProcessError)
 
 Known limits
@@ -60,12 +66,15 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal as _signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -74,6 +83,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
+
+from app.labimpair import READY_LINE as HUB_READY
+from app.labimpair import PortConfig
 
 log = logging.getLogger("mirrorha.lab")
 
@@ -286,6 +298,21 @@ def default_workdir(prefix: str) -> Path:
     return Path(tempfile.gettempdir()) / f"mirrorha-lab-{prefix.strip('-') or 'default'}"
 
 
+HUB_QUEUE_LIMIT = 10000  # frames the impairment hub holds, as netem's default limit
+
+
+@dataclass
+class _Hub:
+    """A running impairment hub: its process and the impairment asked for each host."""
+
+    proc: subprocess.Popen[bytes]
+    impaired: dict[str, PortConfig]
+
+
+def _select_read(fd: int, timeout: float) -> tuple[list[int], list[int], list[int]]:
+    return select.select([fd], [], [], timeout)
+
+
 # ---- process-wide teardown: atexit and SIGINT/SIGTERM --------------------------------------
 
 _LIVE: dict[int, Lab] = {}
@@ -353,6 +380,7 @@ class Lab:
         self._partition: tuple[bool, bool] | None = None
         self._ports_down: set[tuple[str, str]] = set()
         self._netem_fallback: set[tuple[str, str]] = set()
+        self._hubs: dict[str, _Hub] = {}
         self._up = False
         self._tearing_down = False
 
@@ -497,6 +525,7 @@ class Lab:
             self._partition = None
             self._ports_down.clear()
             self._netem_fallback.clear()
+            self._hubs.clear()  # their processes were killed above, their ports deleted below
             with _LIVE_LOCK:
                 _LIVE.pop(id(self), None)
             self._tearing_down = False
@@ -637,12 +666,23 @@ class Lab:
         isolated = "on" if self._partition is not None else "off"
         for node in NODES:
             for net in ("pub", "repl"):
+                if net in self._hubs:
+                    continue  # not a bridge port now: the hub applies the flags below
                 port = attachment(node, net).port
                 _run(["bridge", "-n", sw, "link", "set", "dev", port, "isolated", isolated])
-            if (node, "pub") not in self._ports_down:
+            if (node, "pub") not in self._ports_down and "pub" not in self._hubs:
                 state = "3" if reach[node] else "0"  # 3 forwarding, 0 disabled
                 port = attachment(node, "pub").port
                 _run(["bridge", "-n", sw, "link", "set", "dev", port, "state", state])
+        for net in self._hubs:
+            self._hub_configure(net)
+
+    def _partition_flags(self, host: str, net: str) -> tuple[bool, bool]:
+        """(isolated, blocked) of host's port on net under the current partition."""
+        if self._partition is None or host not in NODES or net not in ("pub", "repl"):
+            return False, False
+        reach = dict(zip(NODES, self._partition, strict=True))
+        return True, net == "pub" and not reach[host]
 
     def netem(
         self,
@@ -656,13 +696,20 @@ class Lab:
         """Impair host's link on net: packets it sends (and, with both_ways, packets sent to it)
         are lost with loss_pct % and delayed by delay_ms ± jitter_ms. Replaces earlier settings.
 
-        Returns the backend used: "netem" or "nftables" (loss only, where the kernel has no
-        sch_netem). LabUnsupported if neither can do it.
+        Returns the mechanism used: "netem"; where the kernel has no sch_netem, "nftables"
+        (loss only) or "hub" (delay or jitter asked, or net already in hub mode: the userspace
+        impairment hub, app/labimpair.py, impairs frames from host and, with both_ways, to
+        host; its jitter reorders frames like netem's). LabUnsupported if loss alone is asked
+        and neither netem nor nft is there.
         """
         self._require_up()
         if not 0 <= loss_pct <= 100 or delay_ms < 0 or jitter_ms < 0:
             raise LabError(f"netem: loss_pct in 0..100, delays >= 0 (got {loss_pct}, {delay_ms})")
-        self.clear_netem(host, net)
+        self._clear_qdisc_and_nft(host, net)
+        impairment = PortConfig(loss_pct, delay_ms, jitter_ms, both_ways)
+        if net in self._hubs:  # the network is in hub mode: the hub does it all
+            self._hub_impair(host, net, impairment)
+            return "hub"
         targets = self._impair_targets(host, net, both_ways)
         args = ["netem", "limit", "10000"]
         if delay_ms or jitter_ms:
@@ -680,10 +727,8 @@ class Lab:
         if "unknown" not in first.stderr.lower():
             raise LabCommandError(first.returncode, first.args, first.stdout, first.stderr)
         if delay_ms or jitter_ms:
-            raise LabUnsupported(
-                "delay/jitter need tc netem, and this kernel has no sch_netem "
-                "(CONFIG_NET_SCH_NETEM not set)"
-            )
+            self._hub_impair(host, net, impairment)
+            return "hub"
         if shutil.which("nft") is None:
             raise LabUnsupported(
                 "this kernel has no sch_netem and nft is not installed (Debian package nftables)"
@@ -695,8 +740,19 @@ class Lab:
         return "nftables"
 
     def clear_netem(self, host: str, net: str) -> None:
-        """Remove any netem() impairment of host on net (both directions)."""
+        """Remove any netem() impairment of host on net (both directions); stops the hub of
+        net when host was the last impaired host on it."""
         self._require_up()
+        self._clear_qdisc_and_nft(host, net)
+        hub = self._hubs.get(net)
+        if hub is not None:
+            hub.impaired.pop(host, None)
+            if hub.impaired:
+                self._hub_configure(net)
+            else:
+                self._hub_stop(net)
+
+    def _clear_qdisc_and_nft(self, host: str, net: str) -> None:
         for ns, dev in self._impair_targets(host, net, both_ways=True):
             _run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)
             if shutil.which("nft") is not None:
@@ -712,6 +768,90 @@ class Lab:
         if both_ways:
             targets.append((self.ns(SWITCH), att.port))
         return targets
+
+    # -- the userspace impairment hub (app/labimpair.py) -------------------------------------
+
+    def hub_pid(self, net: str) -> int | None:
+        """PID of the impairment hub of net, or None when net is a plain bridge."""
+        hub = self._hubs.get(net)
+        return hub.proc.pid if hub is not None else None
+
+    def _hub_impair(self, host: str, net: str, impairment: PortConfig) -> None:
+        attachment(host, net)  # LabError if host is not on net
+        if net not in self._hubs:
+            self._hub_start(net)
+        self._hubs[net].impaired[host] = impairment
+        self._hub_configure(net)
+
+    def _hub_start(self, net: str) -> None:
+        sw = self.ns(SWITCH)
+        ports = [a.port for a in ATTACHMENTS if a.net == net]
+        script = str(Path(__file__).with_name("labimpair.py"))
+        log_path = self.workdir / f"hub-{net}.log"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as errlog:
+            proc = self.popen(
+                SWITCH,
+                [sys.executable, script, *ports],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=errlog,
+            )
+        hub = _Hub(proc, {})
+        self._hubs[net] = hub
+        try:
+            assert proc.stdout is not None
+            ready, _, _ = _select_read(proc.stdout.fileno(), COMMAND_TIMEOUT)
+            line = proc.stdout.readline().decode(errors="replace").strip() if ready else ""
+            if line != HUB_READY:
+                raise LabError(f"impairment hub of {net} did not start (see {log_path})")
+            for port in ports:  # the hub discards frames until configured: no duplicates
+                _run(["ip", "-n", sw, "link", "set", port, "nomaster"])
+        except BaseException:
+            self._hub_stop(net)
+            raise
+
+    def _hub_configure(self, net: str) -> None:
+        hub = self._hubs[net]
+        config: dict[str, dict[str, object]] = {}
+        for att in ATTACHMENTS:
+            if att.net != net:
+                continue
+            base = hub.impaired.get(att.host, PortConfig())
+            isolated, blocked = self._partition_flags(att.host, net)
+            config[att.port] = {**base.to_json(), "isolated": isolated, "blocked": blocked}
+        line = json.dumps({"ports": config, "limit": HUB_QUEUE_LIMIT}) + "\n"
+        assert hub.proc.stdin is not None
+        try:
+            hub.proc.stdin.write(line.encode())
+            hub.proc.stdin.flush()
+        except OSError as exc:
+            raise LabError(f"impairment hub of {net} is gone: {exc}") from exc
+
+    def _hub_stop(self, net: str) -> None:
+        """Stop the hub of net (stdin closed, then SIGKILL if it lingers) and put the ports
+        back on the bridge, with the current partition flags."""
+        hub = self._hubs.pop(net, None)
+        if hub is None:
+            return
+        with contextlib.suppress(OSError):
+            if hub.proc.stdin is not None:
+                hub.proc.stdin.close()
+        try:
+            hub.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(hub.proc.pid, _signal.SIGKILL)
+            hub.proc.wait(timeout=5)
+        if hub.proc.stdout is not None:
+            hub.proc.stdout.close()
+        with contextlib.suppress(ValueError):
+            self._procs.remove(hub.proc)
+        sw = self.ns(SWITCH)
+        for att in ATTACHMENTS:
+            if att.net == net:
+                _run(["ip", "-n", sw, "link", "set", att.port, "master", BRIDGES[net]])
+        self._apply_partition()
 
     def _nft(self, ns: str, *args: str) -> list[str]:
         return ["nsenter", f"--net=/run/netns/{ns}", "--", "nft", *args]
@@ -731,6 +871,8 @@ class Lab:
         self._require_up()
         for att in ATTACHMENTS:
             self.clear_netem(att.host, att.net)
+        for net in list(self._hubs):
+            self._hub_stop(net)
         for host, net in list(self._ports_down):
             self.link(host, net, True)
         self.heal()
