@@ -160,14 +160,87 @@ def test_packet_loss_applies_to_one_network_and_clears(lab: Lab) -> None:
     assert lab.ping("node1", N2_PUB)
 
 
-def test_delay_shows_in_tc_qdisc(lab: Lab) -> None:
-    try:
-        lab.netem("node2", "repl", delay_ms=40, jitter_ms=5)
-    except LabUnsupported as exc:
-        pytest.skip(str(exc))
-    qdisc = lab.run("node2", ["tc", "qdisc", "show", "dev", "eth1"]).stdout
-    assert "netem" in qdisc and "delay 40" in qdisc
+def _mean_rtt_ms(lab: Lab, src: str, dst_ip: str) -> float:
+    """Mean RTT of 5 pings (0.2 s apart), from ping's summary line; fails if none came back."""
+    out = lab.run(src, ["ping", "-c", "5", "-i", "0.2", "-W", "2", "-q", dst_ip], timeout=30)
+    summary = next(line for line in out.stdout.splitlines() if "min/avg/max" in line)
+    return float(summary.split("=", 1)[1].split("/")[1])
+
+
+def test_delay_and_jitter_make_the_round_trip_longer_and_clear(lab: Lab) -> None:
+    delay_ms, jitter_ms = 50.0, 20.0
+    before = _mean_rtt_ms(lab, "node1", N2_REPL)
+    backend = lab.netem("node1", "repl", delay_ms=delay_ms, jitter_ms=jitter_ms)
+    assert backend in ("netem", "hub")
+    if backend == "netem":
+        qdisc = lab.run("node1", ["tc", "qdisc", "show", "dev", "eth1"]).stdout
+        assert "netem" in qdisc and "delay 50" in qdisc
+    else:
+        hub = lab.hub_pid("repl")
+        assert hub is not None and pid_alive(hub)
+    # both_ways: each echo is delayed on the way out and its reply on the way back, each by
+    # delay +- jitter, so the mean grows by about 2 x delay; asserting + delay cannot pass
+    # without the impairment and leaves room for the jitter.
+    impaired = _mean_rtt_ms(lab, "node1", N2_REPL)
+    assert impaired >= before + delay_ms, (before, impaired)
+    assert lab.ping("node1", N2_PUB), "the other network was impaired too"
+
+    lab.clear_netem("node1", "repl")
+    if backend == "hub":
+        assert hub is not None and not pid_alive(hub), "the hub process is still there"
+        assert lab.hub_pid("repl") is None
+    assert lab.ping("node1", N2_REPL)
     assert lab.ping("node2", N1_REPL)
+
+
+def test_loss_through_the_hub_cuts_only_that_host_and_clears(lab: Lab) -> None:
+    backend = lab.netem("node1", "pub", loss_pct=100, delay_ms=5)
+    if backend != "hub":
+        pytest.skip(f"this kernel has sch_netem (backend {backend}): the hub is not used")
+    assert not lab.ping("node1", N2_PUB)
+    assert not lab.ping("node2", N1_PUB)
+    assert lab.ping("node2", WITNESS), "node2 is not impaired and should still reach the witness"
+    assert lab.ping("node1", N2_REPL)
+
+    lab.clear_netem("node1", "pub")
+    assert lab.hub_pid("pub") is None
+    assert lab.ping("node1", N2_PUB)
+
+
+def test_tcp_and_partition_work_through_the_hub(lab: Lab) -> None:
+    backend = lab.netem("node2", "repl", delay_ms=1, jitter_ms=1)
+    if backend != "hub":
+        pytest.skip(f"this kernel has sch_netem (backend {backend}): the hub is not used")
+    payload = "x" * 200_000  # several segments, GSO and checksum offload through the hub
+    server = lab.popen(
+        "node2",
+        [
+            sys.executable,
+            "-c",
+            "import socket,sys\n"
+            "s=socket.create_server(('" + N2_REPL + "',7777));s.settimeout(20)\n"
+            "c,_=s.accept();c.settimeout(20);n=0\n"
+            "while (b:=c.recv(65536)):n+=len(b)\n"
+            "print(n,flush=True)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    script = (
+        "import socket,sys,time\n"
+        "for _ in range(50):\n"
+        "  try: c=socket.create_connection(('" + N2_REPL + "',7777),timeout=5);break\n"
+        "  except OSError: time.sleep(0.1)\n"
+        "c.sendall(sys.stdin.read().encode());c.close()"
+    )
+    lab.run("node1", [sys.executable, "-c", script], input=payload, timeout=30)
+    out, _ = server.communicate(timeout=30)
+    assert out.strip() == str(len(payload))
+
+    lab.partition(node1_reaches_witness=True, node2_reaches_witness=True)
+    assert not lab.ping("node1", N2_REPL)
+    lab.heal()
+    assert lab.ping("node1", N2_REPL)
 
 
 def test_signal_stops_continues_and_kills_a_lab_process(lab: Lab) -> None:
