@@ -26,9 +26,13 @@ How it works
     False failovers: a pair formed with the default, then with the fast timing, runs for
     --soak-seconds with both cores loaded (two busy loops, one per core, started in the
     witness namespace and killed by pid) and 1 % packet loss on both heartbeat links (pub and
-    repl) in each direction (each node's egress on both networks). 50 ms of jitter is asked
-    of the lab first; where the kernel cannot do it (no sch_netem: app/lab.py raises
-    LabUnsupported), the soak runs without jitter and the output says so. A false failover
+    repl) in each direction (each node's egress on both networks), and 50 ms of jitter on the
+    same egress: delay 50 ms +- 50 ms, so each frame waits uniformly 0 to 100 ms (netem's
+    ``delay 50ms 50ms``; a base of 0 would clamp half the frames at 0 and make it less than
+    50 ms of jitter). Where the kernel has no sch_netem, the lab applies it with its userspace
+    impairment hub (app/labimpair.py; it reorders frames, as netem does); the JSON says which
+    mechanism ("jitter": "applied via hub: ..."). Only if the lab cannot do it at all
+    (LabUnsupported) does the soak run without jitter, and the output says so. A false failover
     is a departure, while nobody was killed, of node1 from PRIM or of node2 from SECOND, read
     from each daemon's event log (every decision that changed something, events.db), so a
     short flap between two polls is not missed; departures of both nodes less than 10 s apart
@@ -43,7 +47,7 @@ Exceptions
 
 Known limits
     One machine, two cores shared by both "servers", the client, the probes and the load:
-    times include the scheduling noise of that. No jitter without sch_netem. The default and
+    times include the scheduling noise of that. The default and
     fast figures are without a mirror (replicated=False); when app/mirror/service.py exists
     and imports, one more configuration (default timing, replicated=True, a fresh lab and
     first start per run, always killing node1) measures the failover with the mirror; its
@@ -377,12 +381,12 @@ def soak(timing: str, seconds: float, say: Callable[[str], None]) -> tuple[dict[
         cluster = LabCluster(lab, pulse_ms=pulse_ms, timeout_ms=timeout_ms, replicated=False)
         try:
             cluster.first_start(timeout=60)
-            jitter = f"{JITTER_MS:g} ms"
+            jitter = ""
             backend = ""
             for node in NODES:
                 for net in ("pub", "repl"):
                     try:
-                        backend = lab.netem(
+                        backend = jitter_backend = lab.netem(
                             node,
                             net,
                             loss_pct=LOSS_PCT,
@@ -390,6 +394,11 @@ def soak(timing: str, seconds: float, say: Callable[[str], None]) -> tuple[dict[
                             jitter_ms=JITTER_MS,
                             both_ways=False,
                         )
+                        if not jitter.startswith("unavailable"):
+                            jitter = (
+                                f"applied via {jitter_backend}: delay {JITTER_MS:g} ms "
+                                f"+- {JITTER_MS:g} ms on each node's egress on pub and repl"
+                            )
                     except LabUnsupported as exc:
                         jitter = f"unavailable: {exc}"
                         backend = lab.netem(node, net, loss_pct=LOSS_PCT, both_ways=False)
@@ -586,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     if jitter.startswith("unavailable"):
         say(f"jitter NOT applied: {jitter[len('unavailable: ') :]}")
     else:
-        say(f"jitter applied: {jitter}")
+        say(f"jitter {jitter}")
     goals = result["goals"]
     say(
         "goals: default <= 3 s "
