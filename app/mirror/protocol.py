@@ -35,6 +35,10 @@ Decoding validates everything it can without the filesystem: lengths, ranges, bo
 (relative, no NUL, no empty/"."/".." components, at most MAX_PATH bytes and NAME_MAX per
 component; ``b""`` is the root). Symlink targets are data: any non-empty bytes without NUL.
 
+Copies (the hot path is a Write of up to MAX_DATA bytes): encoding copies the data once, into
+the frame; decoding reads a frame through a view of the receive buffer and copies each field
+it keeps once, into the event (events never hold views, so the buffer can shrink).
+
 Errors (see errors.py): any input either yields events or raises ``ProtocolError`` (``AuthError``
 for the handshake); after one, the connection stays broken. Sending an event the state does
 not allow, or a field out of range, raises ``ProtocolError`` too.
@@ -237,13 +241,17 @@ def _xname_problem(name: object) -> str | None:
 
 
 class _Reader:
+    """Reads fields from a payload without copying: ``take`` returns a view into it, and
+    a caller that keeps a field makes it ``bytes`` (``take_bytes``), so no view outlives
+    the decode (the receive buffer can then be resized)."""
+
     __slots__ = ("buf", "pos")
 
-    def __init__(self, buf: bytes) -> None:
-        self.buf = buf
+    def __init__(self, buf: bytes | memoryview) -> None:
+        self.buf = memoryview(buf)
         self.pos = 0
 
-    def take(self, n: int) -> bytes:
+    def take(self, n: int) -> memoryview:
         end = self.pos + n
         if end > len(self.buf):
             raise ProtocolError("payload truncated")
@@ -251,8 +259,16 @@ class _Reader:
         self.pos = end
         return chunk
 
+    def take_bytes(self, n: int) -> bytes:
+        return bytes(self.take(n))
+
     def unpack(self, fmt: struct.Struct) -> Any:
-        return fmt.unpack(self.take(fmt.size))[0]
+        end = self.pos + fmt.size
+        if end > len(self.buf):
+            raise ProtocolError("payload truncated")
+        value = fmt.unpack_from(self.buf, self.pos)[0]
+        self.pos = end
+        return value
 
     def end(self) -> None:
         if self.pos != len(self.buf):
@@ -270,7 +286,7 @@ class _Kind:
     """How one op field is encoded and what values it accepts."""
 
     name: str
-    encode: Callable[[Any], bytes]
+    encode: Callable[[Any], tuple[bytes, ...]]
     decode: Callable[[_Reader], Any]
     problem: Callable[[Any], str | None]
 
@@ -287,7 +303,7 @@ def _int_problem(lo: int, hi: int) -> Callable[[Any], str | None]:
 
 
 def _int_kind(name: str, fmt: struct.Struct, lo: int, hi: int) -> _Kind:
-    return _Kind(name, fmt.pack, lambda r: r.unpack(fmt), _int_problem(lo, hi))
+    return _Kind(name, lambda v: (fmt.pack(v),), lambda r: r.unpack(fmt), _int_problem(lo, hi))
 
 
 def _blob_kind(
@@ -300,11 +316,11 @@ def _blob_kind(
             return f"longer than {limit} bytes"
         return check(value)
 
-    def encode(value: bytes) -> bytes:
-        return fmt.pack(len(value)) + value
+    def encode(value: bytes) -> tuple[bytes, ...]:
+        return (fmt.pack(len(value)), value)
 
     def decode(r: _Reader) -> bytes:
-        return r.take(r.unpack(fmt))
+        return r.take_bytes(r.unpack(fmt))
 
     return _Kind(name, encode, decode, problem)
 
@@ -326,7 +342,7 @@ OFF = _int_kind("offset", _I64, 0, _I64_MAX)
 NS = _int_kind("nanoseconds", _I64, _I64_MIN, _I64_MAX)
 ID = _int_kind("uid/gid", _I64, -1, _U32_MAX)
 U32 = _int_kind("u32", _U32, 0, _U32_MAX)
-BOOL = _Kind("bool", lambda v: _U8.pack(int(v)), _bool_decode, _bool_problem)
+BOOL = _Kind("bool", lambda v: (_U8.pack(int(v)),), _bool_decode, _bool_problem)
 PATH = _blob_kind("path", _U16, MAX_PATH, path_problem)
 TARGET = _blob_kind("symlink target", _U16, MAX_PATH, _target_problem)
 DATA = _blob_kind("data", _U32, MAX_DATA, lambda v: None)
@@ -361,6 +377,11 @@ assert set(_CODE_OF) == set(ops.ALL_OPS), "every op needs a code"
 
 def encode_op(op: Op) -> bytes:
     """The REQUEST payload for ``op``; ProtocolError when a field is out of range."""
+    return b"".join(_op_parts(op))
+
+
+def _op_parts(op: Op) -> list[bytes]:
+    """The REQUEST payload for ``op`` as buffers to join (data fields are not copied)."""
     code = _CODE_OF.get(type(op))
     if code is None:
         raise ProtocolError(f"not an op: {type(op).__name__}")
@@ -371,11 +392,11 @@ def encode_op(op: Op) -> bytes:
         problem = kind.problem(value)
         if problem is not None:
             raise ProtocolError(f"{type(op).__name__}.{field.name}: {problem}")
-        out.append(kind.encode(value))
-    return b"".join(out)
+        out += kind.encode(value)
+    return out
 
 
-def decode_op(payload: bytes) -> Op:
+def decode_op(payload: bytes | memoryview) -> Op:
     """The op in a REQUEST payload; ProtocolError for anything malformed or out of range."""
     r = _Reader(payload)
     code = r.unpack(_U8)
@@ -398,9 +419,15 @@ def decode_op(payload: bytes) -> Op:
 
 
 def _frame(kind: int, ident: int, payload: bytes = b"") -> bytes:
+    return _frame_of(kind, ident, [payload])
+
+
+def _frame_of(kind: int, ident: int, parts: list[bytes]) -> bytes:
+    """A frame whose payload is ``parts`` joined: each part is copied once, into the frame."""
     if not 0 <= ident <= _U64_MAX:
         raise ProtocolError(f"id {ident} does not fit in u64")
-    return _HEADER.pack(9 + len(payload), kind, ident) + payload
+    size = sum(len(part) for part in parts)
+    return b"".join([_HEADER.pack(9 + size, kind, ident), *parts])
 
 
 def _utf8(value: object) -> bytes | None:
@@ -422,7 +449,7 @@ def _text(value: str, limit: int, what: str) -> bytes:
 def _read_text(r: _Reader, fmt: struct.Struct, what: str) -> str:
     raw = r.take(r.unpack(fmt))
     try:
-        return raw.decode("utf-8")
+        return str(raw, "utf-8")
     except UnicodeDecodeError:
         raise ProtocolError(f"{what} is not UTF-8") from None
 
@@ -472,9 +499,9 @@ def _encode_hello(ev: Hello) -> bytes:
     return _frame(HELLO, 0, payload)
 
 
-def _decode_hello(payload: bytes) -> Hello:
+def _decode_hello(payload: bytes | memoryview) -> Hello:
     r = _Reader(payload)
-    if r.take(len(MAGIC)) != MAGIC:
+    if r.take_bytes(len(MAGIC)) != MAGIC:
         raise ProtocolError("not a mirrorha peer (bad magic)")
     version = r.unpack(_U16)
     if version != PROTOCOL_VERSION:
@@ -482,7 +509,7 @@ def _decode_hello(payload: bytes) -> Hello:
     raw_role = r.unpack(_U8)
     if raw_role not in (Role.PRIMARY, Role.SECONDARY):
         raise ProtocolError(f"unknown role {raw_role}")
-    nonce = r.take(NONCE_SIZE)
+    nonce = r.take_bytes(NONCE_SIZE)
     cluster = _read_text(r, _U8, "cluster name")
     node = _read_text(r, _U8, "node name")
     r.end()
@@ -501,7 +528,7 @@ def encode_event(event: Event) -> bytes:
                 raise ProtocolError(f"HelloAuth mac must be {MAC_SIZE} bytes")
             return _frame(HELLO_AUTH, 0, mac)
         case Request(id=ident, op=op):
-            return _frame(REQUEST, ident, encode_op(op))
+            return _frame_of(REQUEST, ident, _op_parts(op))
         case Ack(id=ident):
             return _frame(ACK, ident)
         case Nack(id=ident, errno=err, message=message):
@@ -541,8 +568,11 @@ def encode_event(event: Event) -> bytes:
     raise ProtocolError(f"not an event: {type(event).__name__}")
 
 
-def decode_frame(kind: int, ident: int, payload: bytes) -> Event:
-    """One event from a frame's fields, without any state check."""
+def decode_frame(kind: int, ident: int, payload: bytes | memoryview) -> Event:
+    """One event from a frame's fields, without any state check.
+
+    ``payload`` may be a view into the receive buffer: the event holds copies only.
+    """
     if kind == HELLO:
         if ident != 0:
             raise ProtocolError("Hello with a non-zero id")
@@ -550,7 +580,7 @@ def decode_frame(kind: int, ident: int, payload: bytes) -> Event:
     if kind == HELLO_AUTH:
         if ident != 0 or len(payload) != MAC_SIZE:
             raise ProtocolError("malformed HelloAuth")
-        return HelloAuth(payload)
+        return HelloAuth(bytes(payload))
     if kind == REQUEST:
         return Request(ident, decode_op(payload))
     if kind == NACK:
@@ -564,7 +594,7 @@ def decode_frame(kind: int, ident: int, payload: bytes) -> Event:
     if kind == RESYNC_QUERY:
         r = _Reader(payload)
         qkind, plen = _RESYNC_QUERY_HEAD.unpack(r.take(_RESYNC_QUERY_HEAD.size))
-        path = r.take(plen)
+        path = r.take_bytes(plen)
         offset, count = _RESYNC_QUERY_TAIL.unpack(r.take(_RESYNC_QUERY_TAIL.size))
         r.end()
         if (problem := path_problem(path)) is not None:
@@ -576,7 +606,7 @@ def decode_frame(kind: int, ident: int, payload: bytes) -> Event:
         if len(payload) < 4:
             raise ProtocolError("malformed ResyncReply")
         (status,) = _U32.unpack_from(payload)
-        return ResyncReply(ident, status, payload[4:])
+        return ResyncReply(ident, status, bytes(payload[4:]))
     simple: dict[int, type[Ack | Ping | Pong | ResyncDone]] = {
         ACK: Ack,
         PING: Ping,
@@ -669,7 +699,7 @@ class Connection:
 
     # -- receiving ------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes read from the socket; ``b""`` means the peer closed the stream."""
         self._check_alive()
         if self._eof:
@@ -704,9 +734,11 @@ class Connection:
                 raise ProtocolError("stream closed in the middle of a frame")
             return None
         _, kind, ident = _HEADER.unpack_from(buf)
-        payload = bytes(buf[HEADER_SIZE : 4 + length])
+        # decode from a view of the buffer: the op's data is copied once, into the event;
+        # the views are released before the buffer shrinks (a live view forbids resizing)
+        with memoryview(buf) as view, view[HEADER_SIZE : 4 + length] as payload:
+            event = decode_frame(kind, ident, payload)
         del buf[: 4 + length]
-        event = decode_frame(kind, ident, payload)
         self._on_receive(event)
         return event
 
