@@ -320,14 +320,17 @@ class Link:
             self.close(f"send failed: {exc}")
 
     def _read_loop(self) -> None:
+        # one receive buffer for the link's life: the Connection copies what it is given
+        rbuf = bytearray(_RECV)
+        rview = memoryview(rbuf)
         try:
             for _ in itertools.count():
                 ev = self.conn.next_event()
                 if ev is None:
                     self._flush_replies()  # nothing left to apply: acknowledge the burst
-                    data = self.sock.recv(_RECV)
-                    self.bytes_received += len(data)
-                    self.conn.receive_data(data)
+                    n = self.sock.recv_into(rview)
+                    self.bytes_received += n
+                    self.conn.receive_data(rview[:n])
                     continue
                 if isinstance(ev, ConnectionClosed):
                     self.close("peer closed the connection")
