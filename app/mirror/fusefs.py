@@ -605,7 +605,12 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
             os.symlink(content, rel, dir_fd=self._root)
             os.chown(rel, uid, gid, dir_fd=self._root, follow_symlinks=False)
 
-        self._change(not self._excluded(rel, False), ops.Symlink(content, rel, uid, gid), local)
+        replicated = not self._excluded(rel, False)
+        self._change(replicated, ops.Symlink(content, rel, uid, gid), local)
+        if replicated:
+            # The peer made its link a moment later: give it ours (symlinks have times too).
+            st = os.stat(rel, dir_fd=self._root, follow_symlinks=False)
+            self._replicator.apply(ops.Utimens(rel, st.st_atime_ns, st.st_mtime_ns), lambda: None)
         return 0
 
     @fuse_errors
