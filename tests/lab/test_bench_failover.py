@@ -93,9 +93,13 @@ def test_quick_benchmark_prints_every_figure_as_json_and_cleans_up() -> None:
     assert result["loss_pct"] == 1
     assert set(result["soak"]) == {"default", "fast"}
     jitter = result["jitter"]
-    assert jitter == "50 ms" or jitter.startswith("unavailable: "), jitter
+    # Applied (tc netem, or the lab's userspace hub where the kernel has no netem), or said
+    # plainly that it was not, in the JSON and in the text: never hidden.
+    assert jitter.startswith(("applied via ", "unavailable: ")), jitter
     if jitter.startswith("unavailable"):
-        assert "jitter NOT applied" in proc.stdout  # said in the text too, never hidden
+        assert "jitter NOT applied" in proc.stdout
+    else:
+        assert "50 ms" in jitter and "jitter applied via" in proc.stdout, proc.stdout[-2000:]
     for ratio in ("ratio_default", "ratio_fast"):
         assert result[ratio] > 0
     table = "\n".join(lines[:-1])
