@@ -202,8 +202,8 @@ def test_neighbour_advert_has_override_and_target_mac() -> None:
 
 
 def test_bad_vip_is_named() -> None:
-    with pytest.raises(VipError, match=re.escape("'10.0.0.300' is not an IP address")):
-        parse_vip("10.0.0.300", 24)
+    with pytest.raises(VipError, match=re.escape("'198.18.0.300' is not an IP address")):
+        parse_vip("198.18.0.300", 24)
     with pytest.raises(VipError, match="prefix 33 is not between 1 and 32"):
         parse_vip(VIP, 33)
 
