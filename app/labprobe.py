@@ -4,9 +4,9 @@ A node probe runs in a node's namespaces and, every ``interval_ms``, records whe
 is an address of this host (binding to it succeeds only then) and whether the demo
 application accepts a connection on 127.0.0.1. A client probe runs in the client namespace
 and asks the demo application through the VIP which node answers. Each prints one line per
-sample (`monotonic-time field field`); CLOCK_MONOTONIC is shared by every namespace, so the
-lines of all probes can be merged on one time axis. Every probe stops by itself after
-``seconds`` (bounded in count and time) or when terminated.
+sample (node: `time held app`; client: `asked answered node`); CLOCK_MONOTONIC is shared
+by every namespace, so the lines of all probes can be merged on one time axis. Every probe
+stops by itself after ``seconds`` (bounded in count and time) or when terminated.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ while time.monotonic() < end:
     t = time.monotonic()
     node = "-"
     try:
-        with socket.create_connection((vip, port), timeout=max(interval, 0.05)) as c:
+        with socket.create_connection((vip, port), timeout=0.05) as c:
             c.settimeout(0.5)
             c.sendall(req)
             data = b""
@@ -64,10 +64,12 @@ while time.monotonic() < end:
                     break
                 data += chunk
         node = json.loads(data.split(b"\r\n\r\n", 1)[1]).get("node", "?")
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError, AttributeError):
         pass
-    sys.stdout.write(f"{t:.4f} {node}\n"); sys.stdout.flush()
-    time.sleep(max(0.0, interval - (time.monotonic() - t)))
+    t1 = time.monotonic()
+    sys.stdout.write(f"{t:.4f} {t1:.4f} {node}\n")
+    sys.stdout.flush()
+    time.sleep(max(0.0, interval - (t1 - t)))
 """
 
 
@@ -141,9 +143,9 @@ class ProbeSet:
         r.both_hold = sum(1 for s in held.values() if len(s) > 1)
         r.both_apps = sum(1 for s in apps.values() if len(s) > 1)
         for ln in self.outputs.get("client", "").splitlines():
-            parts = ln.split()
-            if len(parts) == 2 and parts[1] not in ("-", "?"):
-                r.client_answers.append((float(parts[0]), parts[1]))
-                r.client_nodes.add(parts[1])
+            parts = ln.split()  # asked at, answered at, node ("-": no answer)
+            if len(parts) == 3 and parts[2] not in ("-", "?"):
+                r.client_answers.append((float(parts[0]), parts[2]))
+                r.client_nodes.add(parts[2])
         r.samples["client"] = len(self.outputs.get("client", "").splitlines())
         return r

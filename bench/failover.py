@@ -80,6 +80,7 @@ if str(REPO) not in sys.path:  # run as `bench/failover.py` from anywhere
 
 from app.lab import VIP, Lab, LabError, LabUnsupported, unavailable_reason  # noqa: E402
 from app.labcluster import DEMO_PORT, LabCluster, LabClusterError  # noqa: E402
+from app.labprobe import CLIENT_PROBE  # noqa: E402
 from bench.keepalived import KeepalivedError, KeepalivedPair, keepalived_path  # noqa: E402
 
 PREFIX = "mhf-"
@@ -95,32 +96,6 @@ FAILOVER_TIMEOUT_S = 60.0
 REFORM_TIMEOUT_S = 90.0
 GOALS = {"default": 3.0, "fast": 1.0}
 
-CLIENT_PROBE = r"""
-import json, socket, sys, time
-vip, port, interval, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-end = time.monotonic() + seconds
-req = f"GET / HTTP/1.0\r\nHost: {vip}\r\n\r\n".encode()
-while time.monotonic() < end:
-    t = time.monotonic()
-    node = "-"
-    try:
-        with socket.create_connection((vip, port), timeout=0.05) as c:
-            c.settimeout(0.5)
-            c.sendall(req)
-            data = b""
-            while len(data) < 65536:
-                chunk = c.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-        node = json.loads(data.split(b"\r\n\r\n", 1)[1]).get("node", "?")
-    except (OSError, ValueError, IndexError, AttributeError):
-        pass
-    t1 = time.monotonic()
-    sys.stdout.write(f"{t:.4f} {t1:.4f} {node}\n")
-    sys.stdout.flush()
-    time.sleep(max(0.0, interval - (t1 - t)))
-"""
 
 BURNER = "import time\nend = time.monotonic() + float(__import__('sys').argv[1])\n" + (
     "while time.monotonic() < end:\n    pass\n"
