@@ -20,6 +20,18 @@ How it works
     frame left to handle, and before handling an Fsync (which may take long): acks of a burst
     go out in one write, and still only after their op was applied.
 
+    Receiving on a link without a handler (the primary's: every frame it gets answers one of
+    its own requests): the thread that waits for an answer reads the socket itself, with
+    no reader thread in between ("leader/follower"). ``Pending.wait`` takes the read side
+    when it is free and reads and dispatches until its own answer is in (answers to other
+    waiters included, who are then woken); when another thread holds the read side, it
+    waits to be woken by it. A round trip then costs no thread switch on this side. The
+    link's watcher thread polls the socket for the peer's hang-up only (POLLRDHUP, not
+    data), so a peer that closes an idle link is noticed at once; every 100 ms it also
+    reads what no waiter is there to read (answers whose submitter does not wait).
+    A link with a handler (the secondary's) keeps one reader thread that applies requests
+    in stream order.
+
     ``connect(host, port, conn, timeout)`` and ``Listener`` make the sockets (TCP_NODELAY,
     SO_KEEPALIVE with short probes). The listener authenticates each client in its own thread
     and hands only authenticated links to ``on_link``; anything else is closed and counted.
@@ -37,7 +49,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -58,6 +72,8 @@ from app.mirror.protocol import (
 )
 
 _RECV = 1 << 20
+_READ_SLICE_S = 0.1  # a leader's blocking read returns at least this often (SO_RCVTIMEO)
+_WATCH_MS = 100  # the watcher's poll period: idle hang-ups are seen at once, orphans by then
 Handler = Callable[[Event], Event | None]
 
 
@@ -104,11 +120,12 @@ class Pending:
     waiter wakes with no Condition in between.
     """
 
-    __slots__ = ("_done", "_error", "_gate", "_result", "on_result")
+    __slots__ = ("_done", "_error", "_gate", "_link", "_result", "on_result")
 
-    def __init__(self) -> None:
+    def __init__(self, link: Link | None = None) -> None:
         self._gate = threading.Lock()
         self._gate.acquire()
+        self._link = link  # set: the waiter reads the link itself (Link._await)
         self._done = False
         self._result: Event | None = None
         self._error: str | None = None
@@ -124,7 +141,17 @@ class Pending:
                 self.on_result(result)
         self._gate.release()
 
+    @property
+    def done(self) -> bool:
+        return self._done
+
     def wait(self, timeout: float) -> Event:
+        link = self._link
+        if link is not None and not self._done:
+            link._await(self, timeout)
+            if not self._done and not link.closed:
+                raise ChannelError(f"no answer within {timeout} s")
+            # answered or failed by close(): the gate opens as soon as resolve() returns
         if not self._gate.acquire(timeout=max(0.0, timeout)):
             raise ChannelError(f"no answer within {timeout} s")
         self._gate.release()  # let another wait() (or a second call) see it too
@@ -165,10 +192,23 @@ class Link:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.frames_sent = 0
+        # the read side: with no handler, waiters read (see the module docstring)
+        self._waiters_read = handler is None
+        self._rcond = threading.Condition(threading.Lock())
+        self._reading = False  # a thread holds the read side
+        self._sleepers = 0  # waiters asleep on _rcond until the reader wakes them
+        self._rbuf = bytearray(_RECV)  # the receive buffer: the Connection copies from it
+        self._rview = memoryview(self._rbuf)
+        reader = self._watch_loop if self._waiters_read else self._read_loop
         self._threads = [
             threading.Thread(target=self._send_loop, name=f"{name}:send", daemon=True),
-            threading.Thread(target=self._read_loop, name=f"{name}:read", daemon=True),
+            threading.Thread(target=reader, name=f"{name}:read", daemon=True),
         ]
+        if self._waiters_read:
+            # a leader's blocking recv returns at least every _READ_SLICE_S (EAGAIN), so a
+            # deadline is checked without making the socket non-blocking for everybody
+            usec = int(_READ_SLICE_S * 1e6)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, usec))
 
     def start(self) -> Link:
         for t in self._threads:
@@ -186,11 +226,20 @@ class Link:
     def wait_idle(self, timeout: float) -> bool:
         """Wait (bounded) until every submitted frame is answered."""
         deadline = time.monotonic() + timeout
-        while self.in_flight() and not self.closed:
-            if time.monotonic() >= deadline:
+        while not self.closed:
+            with self._lock:
+                newest = self._pending[max(self._pending)] if self._pending else None
+            if newest is None:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return False
-            time.sleep(0.002)
-        return not self.closed
+            if self._waiters_read:
+                with contextlib.suppress(ChannelError):
+                    newest.wait(left)  # answers come in order: the newest is the last
+            else:
+                time.sleep(0.002)
+        return False
 
     def submit(
         self,
@@ -201,7 +250,7 @@ class Link:
 
         ``on_result(answer or None)`` runs in the reader thread before waiters wake up.
         """
-        pending = Pending()
+        pending = Pending(self if self._waiters_read else None)
         pending.on_result = on_result
         with self._lock:
             if self._closed.is_set():
@@ -291,6 +340,8 @@ class Link:
             self.sock.shutdown(socket.SHUT_RDWR)
         for p in pending.values():
             p.resolve(None, f"link closed: {reason}")
+        with self._rcond:
+            self._rcond.notify_all()  # waiters asleep for the read side see the close
         if self.on_close is not None:
             with contextlib.suppress(Exception):
                 self.on_close(self, reason)
@@ -320,9 +371,8 @@ class Link:
             self.close(f"send failed: {exc}")
 
     def _read_loop(self) -> None:
-        # one receive buffer for the link's life: the Connection copies what it is given
-        rbuf = bytearray(_RECV)
-        rview = memoryview(rbuf)
+        """The reader thread of a link with a handler: read, apply in order, answer."""
+        rview = self._rview
         try:
             for _ in itertools.count():
                 ev = self.conn.next_event()
@@ -341,6 +391,95 @@ class Link:
         except Exception as exc:  # a handler bug: the link dies loudly, nothing half done
             self.log.exception("%s: reader failed", self.name)
             self.close(f"internal error: {exc!r}")
+
+    def _read_round(self, block: bool) -> None:
+        """Holding the read side: dispatch what is complete, else read once and dispatch.
+
+        ``block``: wait for data (at most _READ_SLICE_S); else take only what is there.
+        Never raises: a failure closes the link (which fails every Pending).
+        """
+        try:
+            ev = self.conn.next_event()
+            if ev is None:
+                flags = 0 if block else socket.MSG_DONTWAIT
+                try:
+                    n = self.sock.recv_into(self._rview, 0, flags)
+                except (BlockingIOError, InterruptedError, TimeoutError):
+                    return
+                self.bytes_received += n
+                self.conn.receive_data(self._rview[:n])
+                ev = self.conn.next_event()
+            while ev is not None:
+                if isinstance(ev, ConnectionClosed):
+                    self.close("peer closed the connection")
+                    return
+                self._dispatch(ev)
+                ev = self.conn.next_event()
+        except (OSError, MirrorError) as exc:
+            self.close(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a callback bug: the link dies loudly, nothing half done
+            self.log.exception("%s: reader failed", self.name)
+            self.close(f"internal error: {exc!r}")
+
+    def _take_read_side(self, pending: Pending | None, deadline: float) -> bool:
+        """True: the caller now holds the read side. False: ``pending`` got its answer
+        meanwhile, the link closed, or the deadline passed."""
+        with self._rcond:
+            while self._reading:
+                left = deadline - time.monotonic()
+                if (pending is not None and pending.done) or self.closed or left <= 0:
+                    return False
+                self._sleepers += 1
+                try:
+                    self._rcond.wait(left)
+                finally:
+                    self._sleepers -= 1
+            if (pending is not None and pending.done) or self.closed:
+                return False
+            self._reading = True
+            return True
+
+    def _give_read_side(self) -> None:
+        with self._rcond:
+            self._reading = False
+            if self._sleepers:
+                self._rcond.notify_all()  # their answers may be in, or one of them reads next
+
+    def _await(self, pending: Pending, timeout: float) -> None:
+        """Read the link until ``pending`` is answered, the link closes or time is up."""
+        deadline = time.monotonic() + timeout
+        while not pending.done and not self.closed and time.monotonic() < deadline:
+            if not self._take_read_side(pending, deadline):
+                continue
+            try:
+                while not pending.done and not self.closed and time.monotonic() < deadline:
+                    self._read_round(block=True)
+                    if self._sleepers:
+                        break  # wake the others now: their answers may be in this round
+            finally:
+                self._give_read_side()
+
+    def _watch_loop(self) -> None:
+        """The watcher of a waiter-read link: a hang-up closes it; orphan answers are read."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLRDHUP | select.POLLERR | select.POLLHUP)
+        try:
+            while not self.closed:
+                hung_up = bool(poller.poll(_WATCH_MS))
+                if self.closed:
+                    return
+                with self._lock:
+                    orphans = bool(self._pending)
+                if not hung_up and not orphans:
+                    continue
+                # bounded: a hang-up ends in EOF (or an error) once the data before it is read
+                if self._take_read_side(None, time.monotonic() + _READ_SLICE_S):
+                    try:
+                        self._read_round(block=hung_up)
+                    finally:
+                        self._give_read_side()
+        except (OSError, ValueError) as exc:
+            self.close(f"watcher failed: {exc}")
 
     def _dispatch(self, ev: Event) -> None:
         if isinstance(ev, Ack | Nack | ResyncReply | Pong):
