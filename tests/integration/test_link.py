@@ -128,7 +128,7 @@ def test_silent_peer_times_out_and_close_wakes_waiters() -> None:
 
     client, server, _ = _pair(stall)
     try:
-        with pytest.raises(ChannelError, match="no answer within 0.3 s"):
+        with pytest.raises(ChannelError, match=r"no answer within 0\.3 s"):
             client.submit(_fsync(0)).wait(0.3)
         # a second waiter asleep behind a reader: close() wakes both with the reason
         results: list[str] = []
