@@ -373,6 +373,11 @@ OP_CODES: Final[dict[int, tuple[type[Op], tuple[_Kind, ...]]]] = {
 }
 _CODE_OF: Final[dict[type[Op], int]] = {cls: code for code, (cls, _) in OP_CODES.items()}
 assert set(_CODE_OF) == set(ops.ALL_OPS), "every op needs a code"
+# op class -> (code, ((field name, kind), ...)): dataclasses.fields() once, not per frame
+_LAYOUT: Final[dict[type[Op], tuple[int, tuple[tuple[str, _Kind], ...]]]] = {
+    cls: (code, tuple((f.name, k) for f, k in zip(fields(cls), kinds, strict=True)))
+    for code, (cls, kinds) in OP_CODES.items()
+}
 
 
 def encode_op(op: Op) -> bytes:
@@ -382,16 +387,16 @@ def encode_op(op: Op) -> bytes:
 
 def _op_parts(op: Op) -> list[bytes]:
     """The REQUEST payload for ``op`` as buffers to join (data fields are not copied)."""
-    code = _CODE_OF.get(type(op))
-    if code is None:
+    layout = _LAYOUT.get(type(op))
+    if layout is None:
         raise ProtocolError(f"not an op: {type(op).__name__}")
-    _, kinds = OP_CODES[code]
+    code, named = layout
     out = [_U8.pack(code)]
-    for field, kind in zip(fields(op), kinds, strict=True):
-        value = getattr(op, field.name)
+    for name, kind in named:
+        value = getattr(op, name)
         problem = kind.problem(value)
         if problem is not None:
-            raise ProtocolError(f"{type(op).__name__}.{field.name}: {problem}")
+            raise ProtocolError(f"{type(op).__name__}.{name}: {problem}")
         out += kind.encode(value)
     return out
 
@@ -403,13 +408,13 @@ def decode_op(payload: bytes | memoryview) -> Op:
     entry = OP_CODES.get(code)
     if entry is None:
         raise ProtocolError(f"unknown op code {code}")
-    cls, kinds = entry
+    cls = entry[0]
     values = []
-    for field, kind in zip(fields(cls), kinds, strict=True):
+    for name, kind in _LAYOUT[cls][1]:
         value = kind.decode(r)
         problem = kind.problem(value)
         if problem is not None:
-            raise ProtocolError(f"{cls.__name__}.{field.name}: {problem}")
+            raise ProtocolError(f"{cls.__name__}.{name}: {problem}")
         values.append(value)
     r.end()
     return cls(*values)
