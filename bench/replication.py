@@ -45,7 +45,10 @@ Known limits
     process's FUSE threads. The page cache is not dropped between targets (``sync`` runs,
     untimed, before each workload); ``seq`` includes its fsync so the cache does not hide the
     disk, but a VM's disk cache may (the local figure is then above the physical disk's).
-    Figures are from one run each.
+    seq, 4 KiB and metadata figures are medians of ``--rounds`` rounds (3 by default; every
+    run is in the JSON line under "runs", and the min..max range is printed): this shared
+    machine's disk speed drifts by several times between minutes. pgbench runs once per
+    target.
 """
 
 from __future__ import annotations
@@ -174,6 +177,15 @@ class Targets:
                 f"{(proc.stderr or proc.stdout).strip()[-800:]}"
             )
         return proc.stdout
+
+
+KEY_OF = {"seq": "mb_s", "sync4k": "ops_s", "meta": "ops_s"}
+
+
+def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The run whose ``key`` is the median (the lower middle one of an even count)."""
+    ordered = sorted(runs, key=lambda r: float(r[key]))
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def workload(t: Targets, script: Path, target: str, kind: str, n: int) -> dict[str, Any]:
@@ -317,14 +329,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pg-scale", type=int, default=5, help="pgbench -i -s (5)")
     ap.add_argument("--pg-seconds", type=int, default=20, help="pgbench -T (20)")
     ap.add_argument("--pg-clients", type=int, default=4, help="pgbench -c (4)")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="rounds of seq, 4 KiB and metadata; medians (3)"
+    )
     ap.add_argument("--skip-pgbench", action="store_true", help="no PostgreSQL run")
     ap.add_argument("--quick", action="store_true", help="small sizes, short pgbench (tests)")
     args = ap.parse_args(argv)
     if args.quick:
         args.seq_mib, args.sync_ops, args.meta_rounds = 16, 200, 200
         args.pg_scale, args.pg_seconds, args.pg_clients = 1, 3, 2
+        args.rounds = 1
     if min(args.seq_mib, args.sync_ops, args.meta_rounds, args.pg_scale, args.pg_seconds) < 1:
         ap.error("sizes, counts and durations must be >= 1")
+    if not 1 <= args.rounds <= 15:
+        ap.error("--rounds must be between 1 and 15")
     if os.geteuid() != 0:
         print("bench/replication.py needs root (lab namespaces, FUSE mounts)", file=sys.stderr)
         return 2
@@ -349,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "replication",
         "targets": list(TARGETS),
         "sizes": {
+            "rounds": args.rounds,
             "seq_mib": args.seq_mib,
             "sync_ops": args.sync_ops,
             "meta_rounds": args.meta_rounds,
@@ -397,22 +416,32 @@ def measure(args: argparse.Namespace, result: dict[str, Any], say: Callable[[str
         say(f"pair formed: {cluster.describe()}")
         t = Targets(lab, cluster, fuse_dir, local_dir)
 
-        seq: dict[str, Any] = {}
-        sync: dict[str, Any] = {}
-        meta: dict[str, Any] = {}
-        for target in TARGETS:
-            seq[target] = workload(t, script, target, "seq", args.seq_mib)
-            say(f"  seq {target}: {seq[target]['mb_s']:.1f} MB/s")
-        for target in TARGETS:
-            sync[target] = workload(t, script, target, "sync4k", args.sync_ops)
-            r = sync[target]
-            say(
-                f"  4 KiB+fdatasync {target}: {r['ops_s']:.0f} ops/s, "
-                f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms"
-            )
-        for target in TARGETS:
-            meta[target] = workload(t, script, target, "meta", args.meta_rounds)
-            say(f"  metadata {target}: {meta[target]['ops_s']:.0f} ops/s")
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+            kind: {target: [] for target in TARGETS} for kind in ("seq", "sync4k", "meta")
+        }
+        for n in range(1, args.rounds + 1):
+            for target in TARGETS:
+                r = workload(t, script, target, "seq", args.seq_mib)
+                runs["seq"][target].append(r)
+                say(f"  [{n}] seq {target}: {r['mb_s']:.1f} MB/s")
+            for target in TARGETS:
+                r = workload(t, script, target, "sync4k", args.sync_ops)
+                runs["sync4k"][target].append(r)
+                say(
+                    f"  [{n}] 4 KiB+fdatasync {target}: {r['ops_s']:.0f} ops/s, "
+                    f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms"
+                )
+            for target in TARGETS:
+                r = workload(t, script, target, "meta", args.meta_rounds)
+                runs["meta"][target].append(r)
+                say(f"  [{n}] metadata {target}: {r['ops_s']:.0f} ops/s")
+        result["runs"] = {
+            kind: {target: [r[KEY_OF[kind]] for r in rs] for target, rs in per.items()}
+            for kind, per in runs.items()
+        }
+        seq = {target: median_run(rs, "mb_s") for target, rs in runs["seq"].items()}
+        sync = {target: median_run(rs, "ops_s") for target, rs in runs["sync4k"].items()}
+        meta = {target: median_run(rs, "ops_s") for target, rs in runs["meta"].items()}
         pg: dict[str, Any] | None = None
         if not args.skip_pgbench:
             pg = {}
@@ -527,6 +556,16 @@ def report(result: dict[str, Any], say: Callable[[str], None]) -> None:
         )
     else:
         say("pgbench: skipped (--skip-pgbench)")
+    rounds = s.get("rounds", 1)
+    if rounds > 1:
+        say(f"medians of {rounds} rounds (each round: local, fuse, replicated); range min..max:")
+        for kind, unit in (("seq", "MB/s"), ("sync4k", "ops/s"), ("meta", "ops/s")):
+            spread = result["runs"][kind]
+            say(
+                f"  {kind:<7}"
+                + "".join(f"  {t} {min(spread[t]):.0f}..{max(spread[t]):.0f}" for t in TARGETS)
+                + f" {unit}"
+            )
     say(
         f"sequential: both copies share one disk, physical limit = local/2 = "
         f"{result['seq_limit_mb_s']:.1f} MB/s; replicated = {pct(result['seq_of_limit'])} of it"

@@ -107,6 +107,11 @@ def test_replication_quick_prints_every_figure_as_json_and_cleans_up() -> None:
     for name in ("seq", "sync4k_ops", "sync4k_p99", "meta", "pgbench"):
         for pair in ("fuse_local", "replicated_local"):
             _positive(result["ratios"][name][pair], f"ratio {name} {pair}")
+    assert result["sizes"]["rounds"] == 1  # --quick: one round; the medians are that run
+    for kind, key in (("seq", "seq_mb_s"), ("meta", "meta_ops_s")):
+        for target in TARGETS:
+            (only,) = result["runs"][kind][target]
+            assert round(only, 1) == pytest.approx(result[key][target], abs=0.1)
     _positive(result["seq_limit_mb_s"], "limit")
     assert result["seq_limit_mb_s"] == pytest.approx(result["seq_mb_s"]["local"] / 2, rel=0.01)
     _positive(result["seq_of_limit"], "fraction of the limit")
