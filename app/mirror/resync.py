@@ -48,6 +48,7 @@ Limits
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import hashlib
@@ -85,7 +86,9 @@ PAGE: Final = 4096  # alignment of the ranges an incremental plan sends
 COPY_CHUNK: Final = 1 << 20  # bytes read and queued per ordering-lock hold when sending data
 LIST_PAGE: Final = 2048
 RESYNC_FH_BASE: Final = 1 << 62
-WINDOW_OPS: Final = 256
+WINDOW_OPS: Final = 1024  # ops in flight (their answers are checked later, in order)
+RANGES_PER_HOLD: Final = 64  # small logged ranges read and queued per ordering-lock hold
+STAT_AHEAD: Final = 8  # incremental files whose target stat is asked ahead (hides the wait)
 WINDOW_BYTES: Final = 16 << 20
 MAX_REDO_PASSES: Final = 50
 
@@ -113,6 +116,11 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _syncfs = _libc.syncfs
 _syncfs.argtypes = (ctypes.c_int,)
 _syncfs.restype = ctypes.c_int
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_sync_file_range.restype = ctypes.c_int
+SYNC_FILE_RANGE_WRITE: Final = 2
+WRITEBACK_BYTES: Final = 8 << 20  # a resync handle's bytes written before its writeback starts
 
 
 # ------------------------------------------------------------------------- wire bodies
@@ -506,6 +514,19 @@ def data_extents(fd: int, off: int, end: int) -> list[tuple[int, int]]:
     return out
 
 
+def clip_extents(extents: list[tuple[int, int]], off: int, end: int) -> list[tuple[int, int]]:
+    """The parts of sorted, disjoint ``extents`` that fall in [off, end)."""
+    k = max(0, bisect.bisect_right(extents, (off, 1 << 64)) - 1)
+    out: list[tuple[int, int]] = []
+    for start, length in extents[k:]:
+        if start >= end:
+            break
+        lo, hi = max(start, off), min(start + length, end)
+        if lo < hi:
+            out.append((lo, hi - lo))
+    return out
+
+
 def block_sums(fd: int, first: int, count: int, size: int, block: int = BLOCK) -> list[Sum]:
     """Sums of blocks first..first+count-1 of the open file (stopping at ``size``)."""
     out: list[Sum] = []
@@ -535,6 +556,113 @@ def syncfs(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def start_writeback(fd: int) -> None:
+    """Start writing the file's dirty pages to disk without waiting (sync_file_range WRITE):
+    the flush at the end of the session then finds little left. Advisory: errors ignored."""
+    _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+
+
+class _Flusher:
+    """A thread that starts the writeback of the descriptors it is given (sync_file_range
+    WRITE, which blocks while it submits the I/O) and closes them, so the receiving thread
+    does not wait for the disk. Started at the first ``give``; ``stop`` ends it (bounded)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._fds: deque[int] = deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def give(self, fd: int) -> None:
+        with self._cond:
+            if self._stopping:
+                os.close(fd)
+                return
+            self._fds.append(fd)
+            self._cond.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="resync-writeback", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._fds and not self._stopping:
+                    self._cond.wait(1.0)
+                if not self._fds:
+                    return
+                fd = self._fds.popleft()
+            try:
+                start_writeback(fd)
+            finally:
+                os.close(fd)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        with self._cond:
+            while self._fds:
+                os.close(self._fds.popleft())
+            self._thread, self._stopping = None, False
+
+
+@dataclass(slots=True)
+class _Handle:
+    path: bytes
+    unflushed: int = 0  # bytes written since the last writeback was asked
+
+
+class _Writeback:
+    """The target's resync handles being written: their writeback is started (by a
+    ``_Flusher`` thread) every WRITEBACK_BYTES and when the handle is released, so the disk
+    writes overlap the transfer. Durability still comes from the syncfs before ResyncDone
+    is answered; this only leaves it less to do."""
+
+    def __init__(self, root: int) -> None:
+        self._root = root
+        self._handles: dict[int, _Handle] = {}
+        self._flusher = _Flusher()
+
+    def seen(self, op: ops.Op, applied: bool) -> None:
+        match op:
+            case ops.Open(fh=fh, path=path) | ops.Create(fh=fh, path=path):
+                if applied and fh >= RESYNC_FH_BASE:
+                    self._handles[fh] = _Handle(path)
+            case ops.Write(fh=fh, data=data):
+                h = self._handles.get(fh)
+                if h is not None and applied:
+                    h.unflushed += len(data)
+                    if h.unflushed >= WRITEBACK_BYTES:
+                        self._kick(h)
+            case ops.Release(fh=fh):
+                h = self._handles.pop(fh, None)
+                if h is not None and h.unflushed:
+                    self._kick(h)
+            case _:
+                pass
+
+    def _kick(self, h: _Handle) -> None:
+        h.unflushed = 0
+        try:
+            fd = open_file(self._root, h.path)
+        except OSError:
+            return  # renamed or removed meanwhile: the final syncfs covers it
+        self._flusher.give(fd)
+
+    def reset(self) -> None:
+        self._handles.clear()
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._flusher.stop()
+
+
 # ------------------------------------------------------------------------- target side
 
 
@@ -552,6 +680,7 @@ class Responder:
         self.armed: ActivityLog | None = None
         self.state = "none"
         self.on_done: Callable[[], None] | None = None
+        self._writeback = _Writeback(self._root)
 
     def arm(self, log: ActivityLog) -> None:
         self.armed = log
@@ -559,6 +688,7 @@ class Responder:
             self.state = "none"
 
     def close(self) -> None:
+        self._writeback.close()
         if self._root >= 0:
             os.close(self._root)
             self._root = -1
@@ -567,7 +697,9 @@ class Responder:
         if isinstance(event, Request):
             if self.state not in ("running", "done"):
                 return Nack(event.id, errno.EAGAIN, "no resync session yet")
-            return self.receiver.handle_request(event)
+            reply = self.receiver.handle_request(event)
+            self._writeback.seen(event.op, isinstance(reply, Ack))
+            return reply
         if isinstance(event, ResyncDone):
             try:
                 syncfs(self._root)
@@ -591,6 +723,7 @@ class Responder:
             if self.armed is None:
                 raise ApplyError(errno.EAGAIN, "target not armed")
             self.receiver.release_all()
+            self._writeback.reset()
             self.state = "running"
             return encode_log(self.armed)
         if self.state not in ("running", "done"):
@@ -650,15 +783,33 @@ class RedoSet:
 
 @dataclass(slots=True)
 class Progress:
+    """One session's progress and times: ``started``/``finished`` on the monotonic clock (the
+    session's duration), ``started_at``/``finished_at`` on the wall clock (when, for people and
+    for comparing with other processes' clocks). ``finished`` is None while it runs;
+    ``started_at`` None means no session ran yet (a placeholder)."""
+
     bytes_done: int = 0
     bytes_total: int = 0
     files_done: int = 0
     files_total: int = 0
     bytes_sent: int = 0
     started: float = field(default_factory=time.monotonic)
+    started_at: float | None = field(default_factory=time.time)
+    finished: float | None = None
+    finished_at: float | None = None
+
+    def finish(self, now: float | None = None, wall: float | None = None) -> None:
+        self.finished = time.monotonic() if now is None else now
+        self.finished_at = time.time() if wall is None else wall
+
+    @property
+    def session_s(self) -> float | None:
+        """Seconds from the session's start to its end (None while it runs)."""
+        return None if self.finished is None else max(0.0, self.finished - self.started)
 
     def snapshot(self) -> dict[str, float | int | None]:
-        elapsed = max(1e-3, time.monotonic() - self.started)
+        end = time.monotonic() if self.finished is None else self.finished
+        elapsed = max(1e-3, end - self.started)
         rate = self.bytes_done / elapsed
         left = max(0, self.bytes_total - self.bytes_done)
         return {
@@ -668,6 +819,9 @@ class Progress:
             "files_total": self.files_total,
             "rate_bps": round(rate),
             "eta_s": round(left / rate, 1) if rate > 0 else None,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "session_s": self.session_s,
         }
 
 
@@ -715,7 +869,7 @@ class Reintegrator:
         self.progress = progress or Progress()
         self.stopped = stopped
         self._fh = RESYNC_FH_BASE
-        self._window: list[tuple[Ticket, bytes, int]] = []
+        self._window: deque[tuple[Ticket, bytes, int]] = deque()
         self._window_bytes = 0
         self._links: dict[int, bytes] = {}  # source inode -> first path (deep passes)
 
@@ -747,10 +901,19 @@ class Reintegrator:
         self.progress.bytes_sent += size
 
     def _drain(self, keep: int = 0, keep_bytes: int = 1 << 62) -> None:
-        """Wait for answers until at most ``keep`` ops / ``keep_bytes`` are in flight."""
+        """Wait for answers until at most ``keep`` ops / ``keep_bytes`` are in flight.
+
+        The newest op leaving the window is waited for first: the target answers in stream
+        order, so once it is in, the older ones are too and their waits return at once (one
+        blocking wait per drain instead of one per op)."""
+        done: list[tuple[Ticket, bytes]] = []
         while self._window and (len(self._window) > keep or self._window_bytes > keep_bytes):
-            ticket, path, size = self._window.pop(0)
+            ticket, path, size = self._window.popleft()
             self._window_bytes -= size
+            done.append((ticket, path))
+        if done:
+            done[-1][0].wait(self.timeout)
+        for ticket, path in done:
             ev = ticket.wait(self.timeout)
             if isinstance(ev, Nack):
                 self.redo.add(path)  # our view was overtaken by a live change: look again
@@ -774,11 +937,35 @@ class Reintegrator:
             )
         for path in plan.deep:
             self.reconcile(path, deep=True)
-        for path, ranges in plan.files:
-            self.reconcile(path, deep=False, ranges=list(ranges))
-        for path in plan.meta:
-            self.reconcile(path, deep=False, ranges=[])
+        self._shallow([(path, list(ranges)) for path, ranges in plan.files])
+        self._shallow([(path, []) for path in plan.meta])
         self.redo_passes()
+
+    def _shallow(self, todo: list[tuple[bytes, list[tuple[int, int]]]]) -> None:
+        """``reconcile(path, deep=False, ranges)`` for each, the target's stat of the next
+        STAT_AHEAD paths asked ahead. Each stat is still queued with our lstat under the
+        ordering lock (the same stream point); it is answered before the ops we send for the
+        paths before it, which touch other paths only (an incremental plan's files are
+        distinct and outside every deep path)."""
+        ahead: deque[tuple[bytes, list[tuple[int, int]], Entry | None, Ticket]] = deque()
+        pending = iter(todo)
+
+        def ask() -> None:
+            for path, ranges in pending:
+                self._check()
+                with self.order:
+                    local = self._local(path)
+                    ticket = self._query(QUERY_STAT, path)
+                ahead.append((path, ranges, local, ticket))
+                return
+
+        for _ in range(STAT_AHEAD):
+            ask()
+        while ahead:
+            path, ranges, local, ticket = ahead.popleft()
+            ask()
+            remote = decode_stat(self._reply(ticket, f"stat {path!r}"))
+            self._entry(path, local, remote, False, ranges)
 
     def redo_passes(self) -> None:
         for _ in range(MAX_REDO_PASSES):
@@ -965,8 +1152,7 @@ class Reintegrator:
             elif ranges is not None:
                 # Incremental, trusted logs: the ranges hold every difference; send their
                 # current bytes without asking the target for checksums first.
-                for off, ln in ranges:
-                    self._send_range(fd, fh, path, off, ln)
+                self._send_ranges(fd, fh, path, ranges)
             else:
                 self._compare(fd, fh, path, list(range(-(-size // BLOCK))))
             with self.order:
@@ -1001,6 +1187,45 @@ class Reintegrator:
             pos = end
             self._drain(WINDOW_OPS, WINDOW_BYTES)
             self.throttle.take(sent)
+
+    def _send_ranges(self, fd: int, fh: int, path: bytes, ranges: list[tuple[int, int]]) -> None:
+        """``_send_range`` for each of ``ranges`` (sorted, disjoint): small ones in groups of
+        up to RANGES_PER_HOLD ranges or COPY_CHUNK bytes per ordering-lock hold, with one
+        fstat and one data-extent walk per group."""
+        i, n = 0, len(ranges)
+        for _ in range(n + 1):
+            if i >= n:
+                return
+            self._check()
+            if self.throttle.rate > 0 or ranges[i][1] >= COPY_CHUNK:
+                self._send_range(fd, fh, path, *ranges[i])
+                i += 1
+                continue
+            j, budget = i, 0
+            while j < n and j - i < RANGES_PER_HOLD and budget + ranges[j][1] <= COPY_CHUNK:
+                budget += ranges[j][1]
+                j += 1
+            covered = 0
+            with self.order:
+                size = os.fstat(fd).st_size
+                lo, hi = ranges[i][0], min(size, ranges[j - 1][0] + ranges[j - 1][1])
+                extents = data_extents(fd, lo, hi) if lo < hi else []
+                for off, ln in ranges[i:j]:
+                    end = min(size, off + ln)
+                    if off >= end:
+                        continue
+                    parts = clip_extents(extents, off, end)
+                    if parts != [(off, end - off)]:
+                        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+                        self._send(ops.Fallocate(fh, mode, off, end - off), path)
+                    for eoff, eln in parts:
+                        data = os.pread(fd, eln, eoff)
+                        if data:
+                            self._send(ops.Write(fh, eoff, data), path)
+                    covered += end - off
+            self.progress.bytes_done += covered
+            i = j
+            self._drain(WINDOW_OPS, WINDOW_BYTES)
 
     def _compare(self, fd: int, fh: int, path: bytes, todo: list[int]) -> None:
         """Compare ``todo`` blocks by checksum, SUMS_AHEAD queries in flight, and send the

@@ -194,7 +194,7 @@ class _DirPrimary:
         self.fh_paths: dict[int, bytes | None] = {}
         self.redo = resync.RedoSet()
         self.resync: ResyncState = "none"
-        self.progress = resync.Progress()
+        self.progress = resync.Progress(started_at=None)  # no session yet
         self.journal_error = ""
         self.worker: threading.Thread | None = None
         self.connector: threading.Thread | None = None
@@ -386,6 +386,9 @@ class _DirPrimary:
         svc = self.svc
         timeout = max(10.0, svc.ack_timeout_s)
         for _ in range(_BEGIN_RETRIES):
+            # The session starts when the BEGIN that the target accepts is sent (waiting for
+            # the target to arm itself is not part of it).
+            begun, begun_at = time.monotonic(), time.time()
             with self.order:
                 t = link.submit(lambda i: ResyncQuery(i, resync.QUERY_BEGIN, b"", int(full), 0))
             reply = t.wait(timeout)
@@ -399,7 +402,7 @@ class _DirPrimary:
             break
         else:
             raise ResyncError("the target never armed its resync")
-        self.progress = resync.Progress()
+        self.progress = resync.Progress(started=begun, started_at=begun_at)
         with self.order:
             self.redo = resync.RedoSet()
             self.sent_open = set()
@@ -438,8 +441,14 @@ class _DirPrimary:
             return link.submit(lambda i: ResyncDone(i))
 
         rein.finish(done)
+        self.progress.finish()
         self.resync = "done"
-        svc.log.info("resync of %s done; replicating live", self.path)
+        svc.log.info(
+            "resync of %s done in %.3f s (%d bytes sent); replicating live",
+            self.path,
+            self.progress.session_s or 0.0,
+            self.progress.bytes_sent,
+        )
 
     def _open_result(self, fh: int, path: bytes) -> Callable[[Event | None], None]:
         def on_result(ev: Event | None) -> None:
@@ -1023,6 +1032,18 @@ class MirrorService:
                 progress[key] = sum(int(s[key] or 0) for s in snaps)
             etas = [float(s["eta_s"]) for s in snaps if s["eta_s"] is not None]
             progress["eta_s"] = max(etas) if etas else None
+            # The last session's times (wall clock; session_s from the monotonic clock): from
+            # the first directory's BEGIN to the last one's ResyncDone answer.
+            ps = [d.progress for d in self._prim]
+            starts = [p.started_at for p in ps]
+            known = [t for t in starts if t is not None]
+            progress["started_at"] = min(known) if len(known) == len(starts) else None
+            ends = [p.finished for p in ps]
+            done = None not in starts and all(e is not None for e in ends)
+            progress["finished_at"] = max(p.finished_at or 0.0 for p in ps) if done else None
+            progress["session_s"] = (
+                round(max(e or 0.0 for e in ends) - min(p.started for p in ps), 6) if done else None
+            )
         return {
             "role": self.role,
             **self._mode_status(),

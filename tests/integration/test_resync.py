@@ -236,3 +236,30 @@ def test_a_diverged_target_keeps_its_files_in_quarantine(
     sync_pair(env["prim"], sec, full=True)
     assert_same(p, s)
     assert not (s / "mine.txt").exists()
+
+
+def test_the_state_shows_each_sessions_times_in_order(
+    tmp_path: Path, env: dict[str, MirrorService]
+) -> None:
+    prim = env["prim"]
+    seed(tmp_path / "p")
+    run(env["sec"].start_receiver())
+    run(prim.start_primary("gen1"))
+    before = prim.status()["resync"]
+    assert before["started_at"] is None and before["session_s"] is None  # no session yet
+    sync_pair(prim, env["sec"], full=True)
+    first = prim.status()["resync"]
+    assert first["state"] == "done"
+    assert first["started_at"] <= first["finished_at"] <= prim.status()["at"]
+    assert first["session_s"] > 0
+    prim.peer_synced("gen1")
+    run(env["sec"].stop())
+    wait_for(lambda: prim.mirror_state() == "dropped")
+    with open(tmp_path / "p" / "f00", "r+b") as f:
+        f.write(b"changed")
+    sec = new_secondary(tmp_path, env)
+    sync_pair(prim, sec)
+    second = prim.status()["resync"]
+    assert first["finished_at"] <= second["started_at"] <= second["finished_at"]
+    assert second["session_s"] > 0
+    assert_same(tmp_path / "p", tmp_path / "s")

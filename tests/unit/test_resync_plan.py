@@ -297,3 +297,68 @@ def test_full_sync_into_missing_or_empty_files_asks_for_no_checksums(tmp_path: P
     assert _tree(src) == _tree(dst)
     assert out.sums_queries == 0
     assert out.data_bytes == 5 * BLOCK + 5
+
+
+def test_incremental_many_ranges_with_holes_in_a_group_end_identical(tmp_path: Path) -> None:
+    """More logged ranges than one ordering-lock hold takes, some over holes of the source:
+    the target ends byte for byte equal, holes punched, and only the data pages are sent."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    page, npages = resync.PAGE, 1024
+    payload = os.urandom(npages * page)
+    (src / "f").write_bytes(payload)
+    (dst / "f").write_bytes(payload)
+    rng = random.Random(9)
+    picked = sorted(rng.sample(range(npages), 3 * resync.RANGES_PER_HOLD))
+    with open(src / "f", "r+b") as f:
+        for i in picked:
+            f.seek(i * page)
+            f.write(rng.randbytes(page))
+    hole = range(100, 140)  # pages punched on the source (some of them logged)
+    fd = os.open(src / "f", os.O_RDWR)
+    try:
+        punch = resync.FALLOC_FL_PUNCH_HOLE | resync.FALLOC_FL_KEEP_SIZE
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+        if libc.fallocate(fd, punch, hole.start * page, len(hole) * page) != 0:
+            pytest.skip(f"this filesystem cannot punch holes (errno {ctypes.get_errno()})")
+    finally:
+        os.close(fd)
+    logged = sorted(set(picked) | set(range(95, 145)))
+    log = ActivityLog(True, True, "", ((b"f", tuple((i * page, page) for i in logged)),))
+    out = _sync(src, dst, False, log)
+    assert (dst / "f").read_bytes() == (src / "f").read_bytes()
+    assert out.data_bytes == page * sum(1 for i in logged if i not in hole)
+
+
+def test_clip_extents_keeps_the_parts_inside_the_window() -> None:
+    extents = [(0, 10), (20, 10), (40, 10)]
+    assert resync.clip_extents(extents, 5, 25) == [(5, 5), (20, 5)]
+    assert resync.clip_extents(extents, 10, 20) == []
+    assert resync.clip_extents(extents, 42, 100) == [(42, 8)]
+    assert resync.clip_extents([], 0, 100) == []
+
+
+def test_progress_times_are_ordered_and_the_session_length_is_from_the_monotonic_clock() -> None:
+    p = resync.Progress(started=100.0, started_at=1_700_000_000.0)
+    snap = p.snapshot()
+    assert snap["started_at"] == 1_700_000_000.0
+    assert snap["finished_at"] is None and snap["session_s"] is None  # still running
+    p.finish(now=100.25, wall=1_700_000_000.3)
+    snap = p.snapshot()
+    assert snap["session_s"] == 0.25
+    assert snap["finished_at"] == 1_700_000_000.3
+    assert resync.Progress(started_at=None).snapshot()["started_at"] is None  # no session
+
+
+def test_flusher_closes_every_descriptor_it_was_given(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x" * 8192)
+    flusher = resync._Flusher()
+    fds = [os.open(tmp_path / "f", os.O_RDONLY) for _ in range(5)]
+    for fd in fds:
+        flusher.give(fd)
+    flusher.stop()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed (by the thread, or by stop for what was left)
