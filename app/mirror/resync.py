@@ -121,6 +121,7 @@ _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctype
 _sync_file_range.restype = ctypes.c_int
 SYNC_FILE_RANGE_WRITE: Final = 2
 WRITEBACK_BYTES: Final = 8 << 20  # a resync handle's bytes written before its writeback starts
+FLUSHER_IDLE_WAITS: Final = 5  # seconds without work after which the writeback thread ends
 
 
 # ------------------------------------------------------------------------- wire bodies
@@ -587,12 +588,18 @@ class _Flusher:
                 self._thread.start()
 
     def _run(self) -> None:
-        while True:
+        idle = 0
+        while idle < FLUSHER_IDLE_WAITS:  # ends after a few idle seconds; give() restarts it
             with self._cond:
-                while not self._fds and not self._stopping:
+                if not self._fds and not self._stopping:
                     self._cond.wait(1.0)
                 if not self._fds:
-                    return
+                    idle += 1
+                    if self._stopping or idle >= FLUSHER_IDLE_WAITS:
+                        self._thread = None
+                        return
+                    continue
+                idle = 0
                 fd = self._fds.popleft()
             try:
                 start_writeback(fd)
@@ -609,7 +616,7 @@ class _Flusher:
         with self._cond:
             while self._fds:
                 os.close(self._fds.popleft())
-            self._thread, self._stopping = None, False
+            self._stopping = False
 
 
 @dataclass(slots=True)
