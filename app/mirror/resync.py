@@ -24,11 +24,26 @@ How it works
     never had acknowledged) are reconciled deeply, shallowest first; data files only in their
     dirty ranges (union of both logs, merged, page aligned); metadata paths for attributes.
     Data files of an incremental plan are not compared: the logs say every difference is in
-    their ranges, so the ranges' current bytes are sent (read under the ordering lock, 1 MiB
-    per hold; parts that are holes here, found with SEEK_DATA/SEEK_HOLE, are punched there).
+    their ranges, so the ranges' current bytes are sent (read under the ordering lock, up to
+    RANGES_PER_HOLD small ranges or 1 MiB per hold, with one fstat and one SEEK_DATA/SEEK_HOLE
+    walk per hold; parts that are holes here are punched there). The target's stat of the
+    next STAT_AHEAD files is asked ahead, so the source never waits for the target to catch
+    up between files. Ops are windowed (WINDOW_OPS, WINDOW_BYTES): a drain blocks on the
+    newest op leaving the window only, the older ones being answered before it.
     Deep paths, full plans and multiply-linked files are compared by checksum (BLAKE2b-128 per
     64 KiB block plus a "whole block is a hole" flag, SUMS_AHEAD queries in flight): only
     differing blocks are sent. A file missing or empty on the target is sent as it is.
+
+    Durability on the target: ResyncDone is answered only after ``syncfs`` of the replicated
+    directory's filesystem, so a target that says "done" holds the data on disk. Meanwhile a
+    writeback thread starts the disk writes of each resync file (sync_file_range WRITE, every
+    WRITEBACK_BYTES and at Release), so the final syncfs finds little left. A crash before
+    the answer leaves the target not done, so it is not counted as in sync; the next session
+    runs its plan again (ranges already applied are sent again, not resumed).
+
+    Times: ``Progress`` keeps the session's start (the BEGIN the target accepted) and end
+    (ResyncDone answered) on the monotonic clock (``session_s``) and the wall clock
+    (``started_at``, ``finished_at``); the mirror status shows them.
 
 Exceptions (errors.py): ``ResyncError`` (the target refused, the pass limit was hit),
 ``ChannelError`` (the connection failed; from the Outlet), ``ProtocolError`` (a malformed
@@ -44,6 +59,10 @@ Limits
     - Directory times are set after their children; a live change inside a directory later
       moves the target's directory mtime again (directory times are not replicated live).
     - Device nodes are skipped (the protocol refuses them). ``system.*`` xattrs are skipped.
+    - One Write frame per logged range (the protocol has no vectored write): many small
+      scattered ranges cost one frame, one encode, one apply and one answer each.
+    - syncfs flushes everything dirty on the target's filesystem, not only what the session
+      wrote: other writers on the same filesystem lengthen the session's end.
 """
 
 from __future__ import annotations
