@@ -140,7 +140,8 @@ def test_resync_quick_prints_every_figure_as_json_and_cleans_up() -> None:
     inc, full = result["incremental"], result["full"]
     for key in (
         "changed_bytes",
-        "mirrorha_s",
+        "mirrorha_s",  # the session, from node1's own timestamps
+        "mirrorha_start_to_ready_s",  # node2's start to its SECOND Ready, the bench's clock
         "mirrorha_bytes_sent",
         "rsync_s",
         "rsync_bytes_sent",
@@ -151,7 +152,14 @@ def test_resync_quick_prints_every_figure_as_json_and_cleans_up() -> None:
     # 1 % of the tree, in whole 4 KiB blocks.
     assert inc["changed_bytes"] == inc["changed_writes"] * 4096
     assert inc["changed_bytes"] == pytest.approx(0.01 * result["size_bytes"], rel=0.01)
-    for key in ("mirrorha_s", "mirrorha_bytes_sent", "cp_s", "rsync_s", "rsync_bytes_sent"):
+    for key in (
+        "mirrorha_s",
+        "mirrorha_start_to_ready_s",
+        "mirrorha_bytes_sent",
+        "cp_s",
+        "rsync_s",
+        "rsync_bytes_sent",
+    ):
         _positive(full[key], f"full {key}")
     # A full sync into an empty directory sends at least the whole tree.
     assert full["mirrorha_bytes_sent"] >= result["size_bytes"]
@@ -160,5 +168,13 @@ def test_resync_quick_prints_every_figure_as_json_and_cleans_up() -> None:
     assert full["mirrorha_identical"] is True
     assert inc["rsync_identical"] is True
     assert set(result["goals"]) == {"speedup_ge_10x_rsync", "sent_le_1_2x_changed"}
-    for label in ("reintegration", "rsync", "cp -a", "full sync", "goals"):
+    for label in (
+        "reintegration",
+        "session",
+        "start->Ready",
+        "rsync",
+        "cp -a",
+        "full sync",
+        "goals",
+    ):
         assert label in table, table
