@@ -62,12 +62,12 @@ Known limits
     - fstat() of a file unlinked while open fails with ESTALE once its cached attributes
       expire: the kernel sends no handle with GETATTR and libfuse's high-level API has no
       path for it (``hard_remove``). read/write/ftruncate/fsync on the handle keep working.
-    - Directory and symlink mtimes are not replicated: each side has the time it made the
-      change (regular files get their times replicated when the handle is released).
+    - Directory and symlink times follow a namespace change on the peer up to
+      service.TIMES_PERIOD_S later (the service sends them; regular files get their times
+      replicated when the handle is released).
     - A change made through a handle whose file was unlinked (fchmod, fchown, futimens on a
       nameless file) is made locally only: no op can name the file on the peer.
     - A write that fails half way (ENOSPC) leaves the written part locally, not on the peer.
-    - The daemon writes as root, so writing to a setuid file does not clear the setuid bit.
     - No POSIX ACLs, no ioctl, no copy_file_range (the kernel falls back to read/write).
 """
 
@@ -248,8 +248,18 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         return self._exclusions.excluded(rel, is_dir)
 
     def _change(self, replicated: bool, op: ops.Op, local: Callable[[], R]) -> R:
-        """Run ``local``; through the replicator (journal, peer) only when ``replicated``."""
-        return self._replicator.apply(op, local) if replicated else local()
+        """Run ``local``; through the replicator (journal, peer) only when ``replicated``.
+
+        A change left local (an excluded path) is still told to a replicator that has
+        ``note_local(op)``: it moved its parent directory's mtime, which is replicated.
+        """
+        if replicated:
+            return self._replicator.apply(op, local)
+        result = local()
+        note = getattr(self._replicator, "note_local", None)
+        if note is not None:
+            note(op)
+        return result
 
     def _reserve_fh(self) -> int:
         with self._table_lock:

@@ -109,6 +109,8 @@ _NAMESPACE_OPS = (
     ops.Symlink,
 )
 ASYNC_MARKER = "async-primary"  # in a journal dir: async mode ran; removed at a clean stop
+TIMES_PERIOD_S = 0.1  # directory/symlink times reach the peer at most this long after a change
+_MAX_DIRTY_TIMES = 65536  # paths waiting for their times; beyond, changes wait for the next
 _BEGIN_RETRIES = 1200  # x 0.25 s: the target arms itself within 5 minutes or the try fails
 
 
@@ -121,6 +123,31 @@ def op_paths(op: ops.Op) -> list[bytes]:
         if isinstance(value, bytes) and not (name == "path" and getattr(op, "fh", -1) >= 0):
             out.append(value)
     return out
+
+
+def _parent_of(path: bytes) -> bytes:
+    return path.rpartition(b"/")[0]
+
+
+def times_touched(op: ops.Op) -> tuple[bytes, ...]:
+    """Paths whose own times ``op`` moves on each side to that side's clock.
+
+    A namespace op changes its parent directory's mtime (and a new directory's, node's or
+    symlink's own times) when it is applied, so the primary and the secondary each get their
+    own "now". Regular files need nothing here: their times are replicated when their handle
+    is released, and a truncate by path sends them at once (fusefs.py).
+    """
+    match op:
+        case ops.Create(path=p) | ops.Unlink(path=p) | ops.Rmdir(path=p):
+            return (_parent_of(p),)
+        case ops.Mkdir(path=p) | ops.Mknod(path=p) | ops.Symlink(path=p):
+            return (_parent_of(p), p)
+        case ops.Link(new=new):
+            return (_parent_of(new),)
+        case ops.Rename(old=old, new=new):
+            return (_parent_of(old), _parent_of(new), new)
+        case _:
+            return ()
 
 
 def op_fh(op: ops.Op) -> int | None:
@@ -192,6 +219,7 @@ class _DirPrimary:
         self.mode: Literal["idle", "resync", "live"] = "idle"
         self.sent_open: set[int] = set()
         self.fh_paths: dict[int, bytes | None] = {}
+        self.dirty_times: set[bytes] = set()  # see times_touched and flush_times
         self.redo = resync.RedoSet()
         self.resync: ResyncState = "none"
         self.progress = resync.Progress(started_at=None)  # no session yet
@@ -240,6 +268,8 @@ class _DirPrimary:
             else:
                 result = local()
                 self._track(op)
+                if self.mode != "idle" and len(self.dirty_times) < _MAX_DIRTY_TIMES:
+                    self.dirty_times.update(times_touched(op))
                 if self.mode != "idle" and self.link is not None:
                     link = self.link
                     pending = self._forward(link, op)
@@ -325,11 +355,47 @@ class _DirPrimary:
             self.resync = "none"
             self.svc.last_error = f"{self.path}: {reason}"
 
+    def note_local(self, op: ops.Op) -> None:
+        """A change the FUSE layer kept local (excluded path): its parent's times still move."""
+        if self.mode != "idle":
+            with self.order:
+                if len(self.dirty_times) < _MAX_DIRTY_TIMES:
+                    self.dirty_times.update(times_touched(op))
+
+    def flush_times(self) -> int:
+        """Send the times of the directories and symlinks namespace ops touched (live only).
+
+        Each is stat'ed and queued under the ordering lock, so its Utimens lands after every op
+        that changed it before; a path changed again meanwhile is dirty again and goes in the
+        next flush. A path gone since (unlinked, renamed: the new name is dirty too) is
+        skipped. Returns the number sent.
+        """
+        if not self.dirty_times or self.mode != "live":
+            return 0
+        pending: list[Pending | None] = []
+        with self.order:
+            link = self.link
+            if link is None or self.mode != "live":
+                return 0
+            paths, self.dirty_times = self.dirty_times, set()
+            for path in sorted(paths):
+                try:
+                    st = os.stat(path or b".", dir_fd=self.root_fd, follow_symlinks=False)
+                except OSError:
+                    continue
+                pending.append(
+                    self._forward(link, ops.Utimens(path, st.st_atime_ns, st.st_mtime_ns))
+                )
+        for p in pending:
+            self._acknowledged(link, p)
+        return sum(p is not None for p in pending)
+
     def connect_loop(self, stop: threading.Event) -> None:
         backoff = 0.2
         while not stop.is_set():
             if self.link is not None and not self.link.closed:
-                stop.wait(0.1)
+                stop.wait(TIMES_PERIOD_S)
+                self.flush_times()
                 continue
             try:
                 link = self._connect()

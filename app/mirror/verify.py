@@ -33,7 +33,8 @@ Exceptions::
                         running) or the peer refused a query; ChannelError when the link fails
 
 Known limits
-    - Times (atime, mtime) are not compared: directory times are not replicated live.
+    - Times (atime, mtime) are not compared: a resync does not restore directory times (live
+      changes send them, service.flush_times), so they may differ without a data difference.
     - Hard links are compared as separate files (inode identity is not compared); holes are
       not compared (a hole and a block of zeros are the same content).
     - When sizes differ, only the blocks wholly inside the shorter file are compared for

@@ -153,3 +153,31 @@ def test_a_silent_secondary_is_dropped_and_the_writer_goes_on(
     journal = prim._prim[0].journal
     assert journal is not None
     assert {b"w0", b"w4"} <= journal.namespace_paths()
+
+
+def test_directory_and_symlink_times_follow_live_changes(
+    tmp_path: Path, pair: tuple[MirrorService, MirrorService]
+) -> None:
+    prim, sec = pair
+    p, s = tmp_path / "p", tmp_path / "s"
+    start(prim, sec)
+    time.sleep(0.05)  # so every change below gets a clock distinct from the initial copy's
+    os.makedirs(p / "d" / "e")
+    (p / "d" / "f").write_bytes(b"f")
+    os.rename(p / "d" / "f", p / "d" / "e" / "g")
+    os.symlink("e/g", p / "d" / "ln")
+    os.mkfifo(p / "d" / "fifo")
+    (p / "top").write_bytes(b"t")
+    os.unlink(p / "top")
+    os.link(p / "d" / "e" / "g", p / "d" / "e" / "h")
+
+    def same() -> bool:
+        return snapshot(p, dir_times=True) == snapshot(s, dir_times=True) and (
+            os.stat(p).st_mtime_ns == os.stat(s).st_mtime_ns
+        )
+
+    wait_for(same, timeout=10, what="directory, symlink and fifo times on the secondary")
+    assert prim.mirror_state() == "connected"
+    # each side really applied its changes at its own time: only the flush made them equal
+    assert os.lstat(p / "d" / "ln").st_mtime_ns == os.lstat(s / "d" / "ln").st_mtime_ns
+    assert os.stat(p / "d").st_mtime_ns == os.stat(s / "d").st_mtime_ns

@@ -5,16 +5,19 @@ How it works
     human-readable line per difference (an empty list means identical): entries present on one
     side only, file type, size, content (SHA-256), the data/hole map (SEEK_DATA/SEEK_HOLE
     extents, so a punched or sparse region must be a hole on both sides), mode, owner, file
-    mtimes (``times=True``; nanoseconds), symlink targets, hard-link groups (the sets of paths
-    that share an inode must be the same on both sides) and extended attributes (every
-    namespace but ``system.*``, which holds ACLs the mirror does not replicate).
+    mtimes (``times=True``; nanoseconds; with ``all_times=True`` the mtimes of directories
+    (the roots included), symlinks and special files too), symlink targets, hard-link groups
+    (the sets of paths that share an inode must be the same on both sides) and extended
+    attributes (every namespace but ``system.*``, which holds ACLs the mirror does not
+    replicate).
 
     ``ignore(relpath) -> bool`` leaves paths out (e.g. the lab's ``*.tmp`` exclusion) together
     with everything below them.
 
 Limits
-    Directory times are not compared (the mirror does not replicate them live, see
-    app/mirror/resync.py); neither are atimes, ctimes or inode numbers. Whole files are read
+    Directory, symlink and special-file times are compared only with ``all_times`` (the
+    mirror sends them after a live change; a resync does not restore them); atimes, ctimes
+    and inode numbers never are. Whole files are read
     into a hash, so it suits test trees of up to some hundreds of MB. A tree that changes while
     it is walked gives meaningless differences: call it after the writers are quiet.
 """
@@ -124,6 +127,7 @@ def diff_trees(
     b: Path,
     *,
     times: bool = True,
+    all_times: bool = False,
     ignore: Callable[[str], bool] = lambda rel: False,
 ) -> list[str]:
     """Differences between trees ``a`` and ``b`` (see the module docstring); [] if identical."""
@@ -170,6 +174,8 @@ def diff_trees(
                 out.append(f"{name}: {sa.st_nlink} links vs {sb.st_nlink}")
             if times and sa.st_mtime_ns != sb.st_mtime_ns:
                 out.append(f"{name}: mtime {sa.st_mtime_ns} vs {sb.st_mtime_ns}")
+        if all_times and ka != "file" and sa.st_mtime_ns != sb.st_mtime_ns:
+            out.append(f"{name}: {ka} mtime {sa.st_mtime_ns} vs {sb.st_mtime_ns}")
     ga, gb = _link_groups(ta), _link_groups(tb)
     for g in sorted(ga - gb, key=sorted):
         out.append(f"hard-link group {sorted(g)} only in {a}")
