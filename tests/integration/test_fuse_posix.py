@@ -1196,3 +1196,24 @@ def test_links_and_directories_do_not_cross_the_boundary(excl: Mirror) -> None:
     assert excl.rec.take() == [ops.Link(b"b", b"b2"), ops.Rename(b"dir", b"dir2", 0)]
     assert sorted(os.listdir(excl.root)) == ["a.tmp", "a2.tmp", "b", "b2", "cache", "dir2"]
     assert_identical_but_excluded(excl)
+
+
+def test_write_by_an_unprivileged_user_clears_setuid_and_setgid(mirror: Mirror) -> None:
+    # root opens, an unprivileged child writes through the inherited descriptor (the tmp dirs
+    # above the mount are not searchable by others): the kernel asks for the mode change
+    write_file(mirror.p("s"), b"x")
+    os.chmod(mirror.p("s"), 0o6777)
+    mirror.rec.take()
+    fd = os.open(mirror.p("s"), os.O_WRONLY | os.O_APPEND)
+    try:
+        subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             "/usr/bin/python3", "-c", "import os, sys; os.write(int(sys.argv[1]), b'y')",
+             str(fd)],
+            pass_fds=(fd,), check=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(fd)
+    assert stat.S_IMODE(os.stat(mirror.p("s")).st_mode) == 0o777
+    assert ops.Chmod(b"s", 0o777) in mirror.rec.take()
+    mirror.assert_identical()
