@@ -566,6 +566,15 @@ class DirtyJournal:
                 end = offset + len(data)
                 coarse = self._data(target, offset // rs, (end - 1) // rs)
                 return coarse + self._fine(target, offset, end)
+            case ops.WriteV(fh, parts):
+                target = self._handle_path(fh)
+                vrecs: list[js.Record] = []
+                for offset, data in parts:
+                    if data:
+                        end = offset + len(data)
+                        vrecs += self._data(target, offset // rs, (end - 1) // rs)
+                        vrecs += self._fine(target, offset, end)
+                return vrecs
             case ops.Truncate(fh, path, length):
                 target = self._handle_path(fh) if fh >= 0 else path
                 return self._tail(target, length // rs)

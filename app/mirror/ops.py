@@ -49,6 +49,18 @@ class Create:
 
 
 @dataclass(frozen=True, slots=True)
+class WriteV:
+    """Several writes to the handle ``fh``: (offset, data) parts applied in order.
+
+    The resync sends the small changed ranges of one file this way: one frame, one
+    answer, instead of one per 4 KiB range.
+    """
+
+    fh: int
+    parts: tuple[tuple[int, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Release:
     fh: int
 
@@ -201,6 +213,7 @@ Op = (
     | Utimens
     | SetXattr
     | RemoveXattr
+    | WriteV
 )
 
 ALL_OPS: tuple[type[Op], ...] = (
@@ -223,6 +236,7 @@ ALL_OPS: tuple[type[Op], ...] = (
     Utimens,
     SetXattr,
     RemoveXattr,
+    WriteV,
 )
 
 

@@ -12,6 +12,8 @@ Frame (all integers big-endian)::
                  RESYNC_DONE 0x32 (0x33-0x3f stay reserved for resync frames)
     u64 id       request id (Request/Ack/Nack, Ping/Pong); 0 in the handshake
     payload      per type; a REQUEST payload is a u8 op code followed by the op's fields
+                 (WriteV, code 20: fh, a u32 count of at most MAX_PARTS, then per part an
+                 i64 offset, a u32 length and the data; all parts at most MAX_DATA bytes)
 
 Handshake (mutual, both sides symmetric): each side sends ``Hello`` (version, role, cluster
 name, node name, a 32-byte random nonce); when it has the peer's Hello it sends
@@ -43,8 +45,8 @@ Errors (see errors.py): any input either yields events or raises ``ProtocolError
 for the handshake); after one, the connection stays broken. Sending an event the state does
 not allow, or a field out of range, raises ``ProtocolError`` too.
 
-Limits: one op per frame; frames up to MAX_FRAME (a 16 MiB write plus headers); no
-compression, no encryption (the channel may add TLS underneath); version 1 only.
+Limits: one op per frame (a WriteV is one op); frames up to MAX_FRAME (a 16 MiB write plus
+headers); no compression, no encryption (the channel may add TLS underneath); version 1 only.
 """
 
 from __future__ import annotations
@@ -347,6 +349,45 @@ PATH = _blob_kind("path", _U16, MAX_PATH, path_problem)
 TARGET = _blob_kind("symlink target", _U16, MAX_PATH, _target_problem)
 DATA = _blob_kind("data", _U32, MAX_DATA, lambda v: None)
 XNAME = _blob_kind("xattr name", _U8, NAME_MAX, _xname_problem)
+_PART = struct.Struct(">qI")  # a WriteV part: offset, length, then the data
+MAX_PARTS: Final = 4096
+
+
+def _parts_problem(value: Any) -> str | None:
+    if not isinstance(value, tuple) or len(value) > MAX_PARTS:
+        return f"not a tuple of at most {MAX_PARTS} parts"
+    total = 0
+    for part in value:
+        if not (isinstance(part, tuple) and len(part) == 2):
+            return "a part is not an (offset, data) pair"
+        offset, data = part
+        if type(offset) is not int or not isinstance(data, bytes):
+            return "a part is not an (int, bytes) pair"
+        if not 0 <= offset <= _I64_MAX - len(data):
+            return f"part offset {offset} out of range"
+        total += len(data)
+    return None if total <= MAX_DATA else f"more than {MAX_DATA} bytes of data"
+
+
+def _parts_encode(value: Any) -> tuple[bytes, ...]:
+    out: list[bytes] = [_U32.pack(len(value))]
+    for offset, data in value:
+        out += (_PART.pack(offset, len(data)), data)
+    return tuple(out)
+
+
+def _parts_decode(r: _Reader) -> Any:
+    n = r.unpack(_U32)
+    if n > MAX_PARTS:
+        raise ProtocolError(f"WriteV with {n} parts (at most {MAX_PARTS})")
+    out = []
+    for _ in range(n):
+        offset, length = _PART.unpack(r.take(_PART.size))
+        out.append((offset, r.take_bytes(length)))
+    return tuple(out)
+
+
+PARTS = _Kind("parts", _parts_encode, _parts_decode, _parts_problem)
 XVALUE = _blob_kind("xattr value", _U32, MAX_XATTR_VALUE, lambda v: None)
 
 # op code -> (op class, field kinds in dataclass field order). Codes are forever.
@@ -370,6 +411,7 @@ OP_CODES: Final[dict[int, tuple[type[Op], tuple[_Kind, ...]]]] = {
     17: (ops.Utimens, (PATH, NS, NS)),
     18: (ops.SetXattr, (PATH, XNAME, XVALUE, U32)),
     19: (ops.RemoveXattr, (PATH, XNAME)),
+    20: (ops.WriteV, (FH, PARTS)),
 }
 _CODE_OF: Final[dict[type[Op], int]] = {cls: code for code, (cls, _) in OP_CODES.items()}
 assert set(_CODE_OF) == set(ops.ALL_OPS), "every op needs a code"

@@ -184,6 +184,13 @@ class Receiver:
             case ops.Release(fh=fh):
                 os.close(self._fd(fh))
                 del self._handles[fh]
+            case ops.WriteV(fh=fh, parts=parts):
+                fd = self._fd(fh)
+                for offset, data in parts:
+                    view = memoryview(data)
+                    while view:
+                        written = os.pwrite(fd, view, offset)
+                        view, offset = view[written:], offset + written
             case ops.Write(fh=fh, offset=offset, data=data):
                 fd = self._fd(fh)
                 view = memoryview(data)

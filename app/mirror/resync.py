@@ -666,6 +666,12 @@ class _Writeback:
                     h.unflushed += len(data)
                     if h.unflushed >= WRITEBACK_BYTES:
                         self._kick(h)
+            case ops.WriteV(fh=fh, parts=parts):
+                h = self._handles.get(fh)
+                if h is not None and applied:
+                    h.unflushed += sum(len(d) for _, d in parts)
+                    if h.unflushed >= WRITEBACK_BYTES:
+                        self._kick(h)
             case ops.Release(fh=fh):
                 h = self._handles.pop(fh, None)
                 if h is not None and h.unflushed:
@@ -921,7 +927,7 @@ class Reintegrator:
     def _send(self, op: ops.Op, path: bytes) -> None:
         """Queue ``op`` (ordering lock held); its answer is checked later (windowed)."""
         ticket = self.outlet.submit(lambda i: Request(i, op))
-        size = len(op.data) if isinstance(op, ops.Write) else 64
+        size = _data_size(op)
         self._window.append((ticket, path, size))
         self._window_bytes += size
         self.progress.bytes_sent += size
@@ -1232,6 +1238,7 @@ class Reintegrator:
                 budget += ranges[j][1]
                 j += 1
             covered = 0
+            batch: list[tuple[int, bytes]] = []
             with self.order:
                 size = os.fstat(fd).st_size
                 lo, hi = ranges[i][0], min(size, ranges[j - 1][0] + ranges[j - 1][1])
@@ -1247,8 +1254,10 @@ class Reintegrator:
                     for eoff, eln in parts:
                         data = os.pread(fd, eln, eoff)
                         if data:
-                            self._send(ops.Write(fh, eoff, data), path)
+                            batch.append((eoff, data))
                     covered += end - off
+                if batch:
+                    self._send(ops.WriteV(fh, tuple(batch)), path)
             self.progress.bytes_done += covered
             i = j
             self._drain(WINDOW_OPS, WINDOW_BYTES)
@@ -1362,3 +1371,12 @@ __all__ = [
     "Reintegrator",
     "Responder",
 ]
+
+
+def _data_size(op: ops.Op) -> int:
+    """Bytes an op carries, for the window (64 for an op without data)."""
+    if isinstance(op, ops.Write):
+        return len(op.data)
+    if isinstance(op, ops.WriteV):
+        return sum(len(data) for _, data in op.parts)
+    return 64

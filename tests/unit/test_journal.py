@@ -28,6 +28,7 @@ from app.mirror.ops import (
     Unlink,
     Utimens,
     Write,
+    WriteV,
 )
 
 RS = 16  # region size of most tests: small numbers keep the expectations readable
@@ -786,3 +787,14 @@ def test_random_operations_agree_with_the_model(ops_list: list[tuple[object, ...
         assert again.namespace_paths() == m.namespace
         assert again.metadata_paths() == m.metadata
         again.close()
+
+
+def test_writev_marks_the_regions_of_every_part(tmp_path: Path) -> None:
+    j = DirtyJournal(tmp_path, "gen-v", RS)
+    j.mark(Open(4, b"v"))
+    j.mark(WriteV(4, ((0, b"x" * 3), (100, b""), (5 * RS + 1, b"y" * 2))))
+    j.mark(Release(4))
+    plain = DirtyJournal(tmp_path / "plain", "gen-v", RS)
+    write(plain, b"v", 0, 3, fh=4)
+    write(plain, b"v", 5 * RS + 1, 2, fh=4)
+    assert content(j)[4] == content(plain)[4] == [(b"v", [(0, RS), (5 * RS, RS)])]

@@ -30,6 +30,8 @@ ALL_EXAMPLES: list[ops.Op] = [
     ops.Create(4, "caf\u00e9/\u65e5\u672c".encode(), 0o640, 1000, 1000, True),
     ops.Release(4),
     ops.Write(3, 5 * 2**30, b"\x00\xffdata"),
+    ops.WriteV(3, ((0, b"a"), (2**40, b"\x00" * 5000), (7, b""))),
+    ops.WriteV(3, ()),
     ops.Truncate(-1, b"a", 0),
     ops.Truncate(7, b"", 2**40),
     ops.Fallocate(3, 0x3, 4096, 8192),
@@ -169,6 +171,11 @@ def test_oversized_frame_is_refused_from_its_header(pair: tuple[Connection, Conn
         frame(0x10, 1, b"\x03" + struct.pack(">q", -5)),  # Release(-5)
         frame(0x10, 1, b"\x04" + struct.pack(">qqI", 1, -1, 0)),  # Write at offset -1
         frame(0x10, 1, b"\x10\x00\x01x" + struct.pack(">qq", 0, 2**32)),  # uid 2**32
+        frame(0x10, 1, b"\x14" + struct.pack(">qI", 1, 4097)),  # WriteV with 4097 parts
+        frame(0x10, 1, b"\x14" + struct.pack(">qIqI", 1, 1, -8, 1) + b"z"),  # part at -8
+        frame(0x10, 1, b"\x14" + struct.pack(">qIqI", 1, 2, 0, 1) + b"z"),  # 2nd part missing
+        frame(0x10, 1, b"\x14" + struct.pack(">qIqI", 1, 1, 0, 9) + b"z"),  # data cut short
+        frame(0x10, 1, b"\x14" + struct.pack(">qIqI", 1, 1, 2**63 - 2, 4) + b"four"),  # past 2**63
         frame(0x12, 1, struct.pack(">IH", 5, 2) + b"\xff\xfe"),  # Nack message not UTF-8
         frame(0x12, 1, struct.pack(">IH", 0, 0)),  # Nack errno 0
     ],
@@ -369,3 +376,23 @@ def test_handshake_events_are_sent_once_and_in_order() -> None:
         p.send(HelloAuth(b"x" * 32))  # before the peer's Hello
     with pytest.raises(ProtocolError):
         s.send(Hello(1, Role.SECONDARY, "c", "forged", b"n" * 32))
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        tuple((i, b"") for i in range(4097)),  # too many parts
+        ((0, b"x" * (8 << 20)), (0, b"y" * (8 << 20) + b"z")),  # more than MAX_DATA in all
+        ((-1, b"x"),),
+        ((0, "text"),),
+        ((0,),),
+    ],
+    ids=["parts", "data", "offset", "str", "pair"],
+)
+def test_bad_writev_is_refused_by_the_encoder(
+    pair: tuple[Connection, Connection], parts: object
+) -> None:
+    p, _ = pair
+    with pytest.raises(ProtocolError, match=r"WriteV\.parts"):
+        p.send(Request(1, ops.WriteV(3, parts)))  # type: ignore[arg-type]
+    assert p.awaiting == frozenset()

@@ -58,6 +58,11 @@ valid_ops: st.SearchStrategy[ops.Op] = st.one_of(
     st.builds(ops.Create, fhs, valid_paths, u32, ids, ids, st.booleans()),
     st.builds(ops.Release, fhs),
     st.builds(ops.Write, fhs, offsets, st.binary(max_size=300)),
+    st.builds(
+        ops.WriteV,
+        fhs,
+        st.lists(st.tuples(st.integers(0, 2**62), st.binary(max_size=40)), max_size=5).map(tuple),
+    ),
     st.builds(ops.Truncate, st.integers(-1, 2**63 - 1), valid_paths, offsets),
     st.builds(ops.Fallocate, fhs, u32, offsets, offsets),
     st.builds(ops.Fsync, st.integers(-1, 2**63 - 1), valid_paths, st.booleans()),

@@ -102,6 +102,9 @@ def plain(base: Path, op: ops.Op, handles: dict[int, int]) -> None:
             os.close(handles.pop(fh))
         case ops.Write(fh=fh, offset=offset, data=data):
             os.pwrite(handles[fh], data, offset)
+        case ops.WriteV(fh=fh, parts=parts):
+            for offset, data in parts:
+                os.pwrite(handles[fh], data, offset)
         case ops.Truncate(fh=fh, path=path, length=length):
             if fh >= 0:
                 os.ftruncate(handles[fh], length)
@@ -161,6 +164,7 @@ SCENARIO: list[ops.Op] = [
     ops.Write(1, 0, b"hello"),
     ops.Write(1, 5 * GIB, b"past four gibibytes"),
     ops.Write(1, 65536, b"x" * 8192),
+    ops.WriteV(1, ((70000, b"y" * 100), (3, b"ll"), (70050, b"overlaps the first part"))),
     ops.Fallocate(1, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 65536, 4096),
     ops.Fallocate(1, 0, 1 << 20, 4096),
     ops.Fsync(1, b"", False),
