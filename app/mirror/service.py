@@ -220,6 +220,7 @@ class _DirPrimary:
         self.sent_open: set[int] = set()
         self.fh_paths: dict[int, bytes | None] = {}
         self.dirty_times: set[bytes] = set()  # see times_touched and flush_times
+        self.wake = threading.Event()  # set: the connect loop retries now, backoff reset
         self.redo = resync.RedoSet()
         self.resync: ResyncState = "none"
         self.progress = resync.Progress(started_at=None)  # no session yet
@@ -401,8 +402,12 @@ class _DirPrimary:
                 link = self._connect()
             except (MirrorError, OSError) as exc:
                 self.svc.last_error = f"connect {self.svc.peer_ip}:{self.svc.port}: {exc}"
-                stop.wait(backoff)
-                backoff = min(2.0, backoff * 2)
+                # a resync asked for (the peer is back) cuts the wait short: no 2 s lag
+                if self.wake.wait(backoff):
+                    self.wake.clear()
+                    backoff = 0.2
+                else:
+                    backoff = min(2.0, backoff * 2)
                 continue
             backoff = 0.2
             with self.order:
@@ -664,6 +669,8 @@ class MirrorService:
 
     def _stop_primary(self) -> None:
         self._stop.set()
+        for d in self._prim:
+            d.wake.set()  # out of a connect backoff now
         self._resync_stop.set()
         self._verify_stop.set()
         if self._verify_thread is not None:
@@ -837,6 +844,7 @@ class MirrorService:
                     raise ResyncError("start_resync('source') needs start_primary first")
                 self._resync_stop = threading.Event()
                 for d in self._prim:
+                    d.wake.set()  # the peer is back: its connect loop retries at once
                     if d.worker is not None and d.worker.is_alive():
                         self.log.error("resync of %s: the previous session did not end", d.path)
                         continue
