@@ -904,6 +904,9 @@ class Reintegrator:
         self._window: deque[tuple[Ticket, bytes, int]] = deque()
         self._window_bytes = 0
         self._links: dict[int, bytes] = {}  # source inode -> first path (deep passes)
+        # progress: entries found while listing are added to files_total, except in a full
+        # sync's first pass, whose _estimate counted the whole tree already
+        self._count_found = True
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -961,9 +964,10 @@ class Reintegrator:
     def run(self, plan: Plan) -> None:
         """Execute ``plan`` and then the redo passes until nothing is left (bounded)."""
         if plan.full:
+            self._count_found = False
             self._estimate(b"")
         else:
-            self.progress.files_total = len(plan.files) + len(plan.deep)
+            self.progress.files_total = len(plan.files) + len(plan.deep) + len(plan.meta)
             self.progress.bytes_total = sum(
                 min(ln, 1 << 40) for _, rs in plan.files for _, ln in rs
             )
@@ -1006,6 +1010,8 @@ class Reintegrator:
             if not paths:
                 return
             self._links.clear()
+            self._count_found = True
+            self.progress.files_total += len(paths)
             done: list[bytes] = []
             for path in paths:
                 if not any(under(path, d) for d in done):
@@ -1014,16 +1020,19 @@ class Reintegrator:
         raise ResyncError(f"still changing after {MAX_REDO_PASSES} redo passes")
 
     def _estimate(self, path: bytes) -> None:
-        files = total = 0
+        """Entries (``path`` and every one below, directories included) and bytes to do."""
+        files, total = 1, 0
         stack = [path]
         while stack and files < 10_000_000:
             top = stack.pop()
             for e in list_dir(self.root, top):
                 child = top + b"/" + e.name if top else e.name
+                if self.excluded(child):
+                    continue
+                files += 1
                 if e.kind == stat.S_IFDIR:
                     stack.append(child)
                 else:
-                    files += 1
                     total += e.size
         self.progress.files_total, self.progress.bytes_total = files, total
 
@@ -1052,6 +1061,19 @@ class Reintegrator:
         deep: bool,
         ranges: list[tuple[int, int]] | None,
     ) -> None:
+        """Reconcile one entry; a local one counts as one entry done (progress)."""
+        self._entry_once(path, local, remote, deep, ranges)
+        if local is not None:
+            self.progress.files_done += 1
+
+    def _entry_once(
+        self,
+        path: bytes,
+        local: Entry | None,
+        remote: Entry | None,
+        deep: bool,
+        ranges: list[tuple[int, int]] | None,
+    ) -> None:
         self._check()
         if local is None:
             if remote is not None and path:
@@ -1070,7 +1092,6 @@ class Reintegrator:
             if deep:
                 self._children(path)
             self._attrs(path, local, remote, times=True)
-            self.progress.files_done += 1
         elif kind == stat.S_IFREG:
             if local.nlink > 1 and deep and local.ino in self._links and path:
                 self._relink(path, self._links[local.ino], remote)
@@ -1078,7 +1099,6 @@ class Reintegrator:
             if local.nlink > 1 and deep:
                 self._links[local.ino] = path
             self._file(path, local, remote, ranges if local.nlink == 1 else None)
-            self.progress.files_done += 1
         elif kind == stat.S_IFLNK:
             if remote is None or remote.target != local.target:
                 with self.order:
@@ -1117,6 +1137,10 @@ class Reintegrator:
             page = decode_entries(self._reply(ticket, f"list {path!r}"))
             theirs.update((e.name, e) for e in page)
             first += LIST_PAGE
+        if self._count_found:
+            self.progress.files_total += sum(
+                1 for n in mine if not self.excluded(path + b"/" + n if path else n)
+            )
         for name in sorted(set(mine) | set(theirs)):
             child = path + b"/" + name if path else name
             if self.excluded(child):

@@ -149,6 +149,7 @@ class MemoryOutlet:
         self.data_bytes = 0
         self.writev_frames = 0
         self.sums_queries = 0
+        self.progress = resync.Progress()
 
     def submit(self, make):  # type: ignore[no-untyped-def]
         self.ids += 1
@@ -189,6 +190,7 @@ def _sync(src: Path, dst: Path, full: bool, src_log: ActivityLog | None = None) 
         rein = resync.Reintegrator(root, threading.Lock(), outlet, resync.RedoSet(), timeout=5)
         rein.run(plan_incremental(src_log or ActivityLog(True), ActivityLog(False), full))
         rein.finish(lambda: outlet.submit(lambda i: protocol.ResyncDone(i)))
+        outlet.progress = rein.progress
     finally:
         os.close(root)
         receiver.close()
@@ -209,6 +211,8 @@ def test_full_sync_in_memory_copies_only_differing_blocks(tmp_path: Path) -> Non
     (dst / "extra" / "junk").write_bytes(b"junk")
     first = _sync(src, dst, True)
     assert _tree(src) == _tree(dst)
+    # every entry, directories and the root included, once: the console never shows 17 of 16
+    assert first.progress.files_done == first.progress.files_total == 5
     assert first.data_bytes == 10 * BLOCK + 5
     with open(dst / "d" / "big", "r+b") as f:  # damage two blocks on the target
         f.seek(3 * BLOCK + 7)
@@ -263,6 +267,8 @@ def test_incremental_scattered_pages_send_about_the_bytes_changed(tmp_path: Path
     assert out.data_bytes == changed
     # scattered pages of one file travel together: far fewer frames than pages
     assert 0 < out.writev_frames < 10
+    assert out.progress.files_done == out.progress.files_total == 2
+    assert out.progress.bytes_done == out.progress.bytes_total
 
 
 def test_incremental_range_that_is_a_hole_on_the_source_is_punched(tmp_path: Path) -> None:
