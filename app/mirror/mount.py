@@ -285,16 +285,22 @@ class MirrorMount:
     def _abort(self) -> None:
         if self._device is None:
             return
+        mounted_here = False
         if not os.path.isdir(os.path.join(_FUSECTL, "0")) and not os.listdir(_FUSECTL):
-            subprocess.run(
+            done = subprocess.run(
                 ["mount", "-t", "fusectl", "fusectl", _FUSECTL],
                 check=False,
                 capture_output=True,
                 timeout=10,
             )
+            mounted_here = done.returncode == 0
         abort = os.path.join(_FUSECTL, str(self._device[1]), "abort")
-        with contextlib.suppress(OSError), open(abort, "w") as f:
-            f.write("1")
+        try:
+            with contextlib.suppress(OSError), open(abort, "w") as f:
+                f.write("1")
+        finally:
+            if mounted_here:  # leave the host's mounts as we found them
+                subprocess.run(["umount", _FUSECTL], check=False, capture_output=True, timeout=10)
 
     def __enter__(self) -> MirrorMount:
         self.start()

@@ -1217,3 +1217,31 @@ def test_write_by_an_unprivileged_user_clears_setuid_and_setgid(mirror: Mirror) 
     assert stat.S_IMODE(os.stat(mirror.p("s")).st_mode) == 0o777
     assert ops.Chmod(b"s", 0o777) in mirror.rec.take()
     mirror.assert_identical()
+
+
+def _fusectl_mounted() -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == "/sys/fs/fuse/connections" for line in f)
+
+
+def test_stop_aborts_a_mount_a_process_still_holds_and_leaves_fusectl_as_found(
+    tmp_path: Path, fuse_required: None
+) -> None:
+    from app.mirror.mount import MirrorMount
+
+    real = tmp_path / "held"
+    real.mkdir()
+    fusectl_before = _fusectl_mounted()
+    mount = MirrorMount(real, ops.LocalOnly(), stop_timeout=1.0)
+    mount.start()
+    mount.wait_ready(10.0)
+    # a process whose working directory is inside the mount keeps the detached tree alive
+    holder = subprocess.Popen(["sleep", "60"], cwd=real)
+    try:
+        mount.stop()  # detach, the loop goes on for the holder, so the connection is aborted
+        assert not mount.running
+        assert _fusectl_mounted() == fusectl_before
+    finally:
+        holder.kill()
+        holder.wait(10)
+        mount.stop()
