@@ -111,6 +111,7 @@ _NAMESPACE_OPS = (
 ASYNC_MARKER = "async-primary"  # in a journal dir: async mode ran; removed at a clean stop
 TIMES_PERIOD_S = 0.1  # directory/symlink times reach the peer at most this long after a change
 _MAX_DIRTY_TIMES = 65536  # paths waiting for their times; beyond, changes wait for the next
+_TIMES_PER_FLUSH = 1024  # paths stat'ed and sent per hold of the ordering lock
 _BEGIN_RETRIES = 1200  # x 0.25 s: the target arms itself within 5 minutes or the try fails
 
 
@@ -378,7 +379,11 @@ class _DirPrimary:
             link = self.link
             if link is None or self.mode != "live":
                 return 0
-            paths, self.dirty_times = self.dirty_times, set()
+            if len(self.dirty_times) <= _TIMES_PER_FLUSH:
+                paths, self.dirty_times = self.dirty_times, set()
+            else:  # a bounded hold of the ordering lock; the rest goes in the next flush
+                paths = set(sorted(self.dirty_times)[:_TIMES_PER_FLUSH])
+                self.dirty_times -= paths
             for path in sorted(paths):
                 try:
                     st = os.stat(path or b".", dir_fd=self.root_fd, follow_symlinks=False)
