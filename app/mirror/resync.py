@@ -1272,19 +1272,28 @@ class Reintegrator:
                     if off >= end:
                         continue
                     parts = clip_extents(extents, off, end)
-                    if parts != [(off, end - off)]:
-                        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-                        self._send(ops.Fallocate(fh, mode, off, end - off), path)
-                    for eoff, eln in parts:
-                        data = os.pread(fd, eln, eoff)
-                        if data:
-                            batch.append((eoff, data))
+                    batch += self._hole_then_data(fd, fh, path, off, end, parts)
                     covered += end - off
                 if batch:
                     self._send(ops.WriteV(fh, tuple(batch)), path)
             self.progress.bytes_done += covered
             i = j
             self._drain(WINDOW_OPS, WINDOW_BYTES)
+
+    def _hole_then_data(
+        self, fd: int, fh: int, path: bytes, off: int, end: int, extents: list[tuple[int, int]]
+    ) -> list[tuple[int, bytes]]:
+        """[off, end) of our file, whose data extents are ``extents``: punch the range on the
+        target first when it is not all data (ordering lock held), then our data, read."""
+        if extents != [(off, end - off)]:
+            mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+            self._send(ops.Fallocate(fh, mode, off, end - off), path)
+        out = []
+        for eoff, eln in extents:
+            data = os.pread(fd, eln, eoff)
+            if data:
+                out.append((eoff, data))
+        return out
 
     def _compare(self, fd: int, fh: int, path: bytes, todo: list[int]) -> None:
         """Compare ``todo`` blocks by checksum, SUMS_AHEAD queries in flight, and send the
@@ -1324,14 +1333,9 @@ class Reintegrator:
                 if off >= end:
                     continue
                 extents = data_extents(fd, off, end)
-                if extents != [(off, end - off)]:
-                    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-                    self._send(ops.Fallocate(fh, mode, off, end - off), path)
-                for eoff, eln in extents:
-                    data = os.pread(fd, eln, eoff)
-                    if data:
-                        self._send(ops.Write(fh, eoff, data), path)
-                        sent += len(data)
+                for eoff, data in self._hole_then_data(fd, fh, path, off, end, extents):
+                    self._send(ops.Write(fh, eoff, data), path)
+                    sent += len(data)
             self.progress.bytes_done += end - off
             self._drain(WINDOW_OPS, WINDOW_BYTES)
             self.throttle.take(sent)
