@@ -248,7 +248,8 @@ class Link:
     ) -> Pending:
         """Queue ``make(id)`` and return its Pending (already failed if the link is closed).
 
-        ``on_result(answer or None)`` runs in the reader thread before waiters wake up.
+        ``on_result(answer or None)`` runs in the thread that reads the answer (the reader
+        thread, a waiter holding the read side or the watcher) before waiters wake up.
         """
         pending = Pending(self if self._waiters_read else None)
         pending.on_result = on_result
