@@ -63,7 +63,7 @@ Known limits
       expire: the kernel sends no handle with GETATTR and libfuse's high-level API has no
       path for it (``hard_remove``). read/write/ftruncate/fsync on the handle keep working.
     - Directory and symlink times follow a namespace change on the peer up to
-      service.TIMES_PERIOD_S later (the service sends them; regular files get their times
+      primary.TIMES_PERIOD_S later (the primary sends them; regular files get their times
       replicated when the handle is released).
     - A change made through a handle whose file was unlinked (fchmod, fchown, futimens on a
       nameless file) is made locally only: no op can name the file on the peer.

@@ -34,7 +34,7 @@ Exceptions::
 
 Known limits
     - Times (atime, mtime) are not compared: a resync does not restore directory times (live
-      changes send them, service.flush_times), so they may differ without a data difference.
+      changes send them, primary.flush_times), so they may differ without a data difference.
     - Hard links are compared as separate files (inode identity is not compared); holes are
       not compared (a hole and a block of zeros are the same content).
     - When sizes differ, only the blocks wholly inside the shorter file are compared for
