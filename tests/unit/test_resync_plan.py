@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.mirror import protocol, resync
+from app.mirror import protocol, resync, resync_target
 from app.mirror.errors import ProtocolError
 from app.mirror.protocol import Connection, Event, Role
 from app.mirror.receiver import Receiver
@@ -366,7 +366,7 @@ def test_progress_times_are_ordered_and_the_session_length_is_from_the_monotonic
 
 def test_flusher_closes_every_descriptor_it_was_given(tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"x" * 8192)
-    flusher = resync._Flusher()
+    flusher = resync_target._Flusher()
     fds = [os.open(tmp_path / "f", os.O_RDONLY) for _ in range(5)]
     for fd in fds:
         flusher.give(fd)

@@ -1,0 +1,273 @@
+"""Resync's target side: answer the source's queries, apply its ops, make them durable.
+
+How it works
+    ``Responder`` runs on the target (SECOND Transient), fed in stream order by one thread.
+    It refuses Requests (EAGAIN) until the source's BEGIN arrives, and BEGIN until it was
+    armed (``arm``, after any quarantine) with its own activity log, which BEGIN's reply
+    carries. Queries are answered from the tree (resync_fs); ops go to the Receiver, which
+    applies them under its root with its usual safety.
+
+    Durability on the target: ResyncDone is answered only after ``syncfs`` of the replicated
+    directory's filesystem, so a target that says "done" holds the data on disk. Meanwhile a
+    writeback thread starts the disk writes of each resync file (sync_file_range WRITE, every
+    WRITEBACK_BYTES and at Release), so the final syncfs finds little left. A crash before
+    the answer leaves the target not done, so it is not counted as in sync; the next session
+    runs its plan again (ranges already applied are sent again, not resumed).
+
+Exceptions: an OSError or ApplyError while answering a query or ResyncDone becomes the
+ResyncReply's status; a Request before BEGIN is answered with a Nack (EAGAIN). The
+constructor raises OSError when the root cannot be opened.
+
+Limits
+    - The listing and block sums for one query are held in memory (at most LIST_PAGE
+      entries, 256 blocks).
+    - syncfs flushes everything dirty on the target's filesystem, not only what the session
+      wrote: other writers on the same filesystem lengthen the session's end.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from app.mirror import ops
+from app.mirror.errors import ApplyError
+from app.mirror.protocol import Ack, Event, Nack, Request, ResyncDone, ResyncQuery, ResyncReply
+from app.mirror.receiver import Receiver
+from app.mirror.resync_codec import (
+    LIST_PAGE,
+    QUERY_BEGIN,
+    QUERY_LIST,
+    QUERY_STAT,
+    QUERY_SUMS,
+    RESYNC_FH_BASE,
+    ActivityLog,
+    encode_entries,
+    encode_log,
+    encode_stat,
+    encode_sums,
+)
+from app.mirror.resync_fs import block_sums, list_dir, open_file, stat_path
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syncfs = _libc.syncfs
+_syncfs.argtypes = (ctypes.c_int,)
+_syncfs.restype = ctypes.c_int
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_sync_file_range.restype = ctypes.c_int
+SYNC_FILE_RANGE_WRITE: Final = 2
+WRITEBACK_BYTES: Final = 8 << 20  # a resync handle's bytes written before its writeback starts
+FLUSHER_IDLE_WAITS: Final = 5  # seconds without work after which the writeback thread ends
+
+
+def syncfs(fd: int) -> None:
+    if _syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing the file's dirty pages to disk without waiting (sync_file_range WRITE):
+    the flush at the end of the session then finds little left. Advisory: errors ignored."""
+    _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+
+
+class _Flusher:
+    """A thread that starts the writeback of the descriptors it is given (sync_file_range
+    WRITE, which blocks while it submits the I/O) and closes them, so the receiving thread
+    does not wait for the disk. Started at the first ``give``; ``stop`` ends it (bounded)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._fds: deque[int] = deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def give(self, fd: int) -> None:
+        with self._cond:
+            if self._stopping:
+                os.close(fd)
+                return
+            self._fds.append(fd)
+            self._cond.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="resync-writeback", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        idle = 0
+        while idle < FLUSHER_IDLE_WAITS:  # ends after a few idle seconds; give() restarts it
+            with self._cond:
+                if not self._fds and not self._stopping:
+                    self._cond.wait(1.0)
+                if not self._fds:
+                    idle += 1
+                    if self._stopping or idle >= FLUSHER_IDLE_WAITS:
+                        self._thread = None
+                        return
+                    continue
+                idle = 0
+                fd = self._fds.popleft()
+            try:
+                start_writeback(fd)
+            finally:
+                os.close(fd)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        with self._cond:
+            while self._fds:
+                os.close(self._fds.popleft())
+            self._stopping = False
+
+
+@dataclass(slots=True)
+class _Handle:
+    path: bytes
+    unflushed: int = 0  # bytes written since the last writeback was asked
+
+
+class _Writeback:
+    """The target's resync handles being written: their writeback is started (by a
+    ``_Flusher`` thread) every WRITEBACK_BYTES and when the handle is released, so the disk
+    writes overlap the transfer. Durability still comes from the syncfs before ResyncDone
+    is answered; this only leaves it less to do."""
+
+    def __init__(self, root: int) -> None:
+        self._root = root
+        self._handles: dict[int, _Handle] = {}
+        self._flusher = _Flusher()
+
+    def seen(self, op: ops.Op, applied: bool) -> None:
+        match op:
+            case ops.Open(fh=fh, path=path) | ops.Create(fh=fh, path=path):
+                if applied and fh >= RESYNC_FH_BASE:
+                    self._handles[fh] = _Handle(path)
+            case ops.Write(fh=fh, data=data):
+                h = self._handles.get(fh)
+                if h is not None and applied:
+                    h.unflushed += len(data)
+                    if h.unflushed >= WRITEBACK_BYTES:
+                        self._kick(h)
+            case ops.WriteV(fh=fh, parts=parts):
+                h = self._handles.get(fh)
+                if h is not None and applied:
+                    h.unflushed += sum(len(d) for _, d in parts)
+                    if h.unflushed >= WRITEBACK_BYTES:
+                        self._kick(h)
+            case ops.Release(fh=fh):
+                h = self._handles.pop(fh, None)
+                if h is not None and h.unflushed:
+                    self._kick(h)
+            case _:
+                pass
+
+    def _kick(self, h: _Handle) -> None:
+        h.unflushed = 0
+        try:
+            fd = open_file(self._root, h.path)
+        except OSError:
+            return  # renamed or removed meanwhile: the final syncfs covers it
+        self._flusher.give(fd)
+
+    def reset(self) -> None:
+        self._handles.clear()
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._flusher.stop()
+
+
+class Responder:
+    """The target: answers queries and applies ops, in stream order (one thread).
+
+    ``session`` is None until the source's BEGIN arrives; Requests before that are refused
+    (EAGAIN) so nothing is applied before the target armed itself (``arm``, after any
+    quarantine). ``on_state(state)`` is told "running"/"done".
+    """
+
+    def __init__(self, root: str | bytes, receiver: Receiver) -> None:
+        self._root = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.receiver = receiver
+        self.armed: ActivityLog | None = None
+        self.state = "none"
+        self.on_done: Callable[[], None] | None = None
+        self._writeback = _Writeback(self._root)
+
+    def arm(self, log: ActivityLog) -> None:
+        self.armed = log
+        if self.state != "running":
+            self.state = "none"
+
+    def close(self) -> None:
+        self._writeback.close()
+        if self._root >= 0:
+            os.close(self._root)
+            self._root = -1
+
+    def handle(self, event: Event) -> Event | None:
+        if isinstance(event, Request):
+            if self.state not in ("running", "done"):
+                return Nack(event.id, errno.EAGAIN, "no resync session yet")
+            reply = self.receiver.handle_request(event)
+            self._writeback.seen(event.op, isinstance(reply, Ack))
+            return reply
+        if isinstance(event, ResyncDone):
+            try:
+                syncfs(self._root)
+            except OSError as exc:
+                return ResyncReply(event.id, exc.errno or errno.EIO, b"")
+            self.state = "done"
+            if self.on_done is not None:
+                self.on_done()
+            return ResyncReply(event.id, 0, b"")
+        if isinstance(event, ResyncQuery):
+            try:
+                return ResyncReply(event.id, 0, self._answer(event))
+            except OSError as exc:
+                return ResyncReply(event.id, exc.errno or errno.EIO, b"")
+            except ApplyError as exc:
+                return ResyncReply(event.id, exc.errno, b"")
+        return None
+
+    def _answer(self, q: ResyncQuery) -> bytes:
+        if q.kind == QUERY_BEGIN:
+            if self.armed is None:
+                raise ApplyError(errno.EAGAIN, "target not armed")
+            self.receiver.release_all()
+            self._writeback.reset()
+            self.state = "running"
+            return encode_log(self.armed)
+        if self.state not in ("running", "done"):
+            raise ApplyError(errno.EAGAIN, "no resync session yet")
+        if q.kind == QUERY_STAT:
+            return encode_stat(stat_path(self._root, q.path))
+        if q.kind == QUERY_LIST:
+            return encode_entries(list_dir(self._root, q.path, q.offset, min(q.count, LIST_PAGE)))
+        if q.kind == QUERY_SUMS:
+            try:
+                fd = open_file(self._root, q.path)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EINVAL):
+                    return b""
+                raise
+            try:
+                size = os.fstat(fd).st_size
+                return encode_sums(block_sums(fd, q.offset, min(q.count, 256), size))
+            finally:
+                os.close(fd)
+        raise ApplyError(errno.EINVAL, f"unknown resync query kind {q.kind}")
