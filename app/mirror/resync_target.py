@@ -197,7 +197,7 @@ class Responder:
 
     ``session`` is None until the source's BEGIN arrives; Requests before that are refused
     (EAGAIN) so nothing is applied before the target armed itself (``arm``, after any
-    quarantine). ``on_done()`` runs once the data is flushed and ResyncDone is answered.
+    quarantine). ``on_done()`` runs once the data is flushed, just before ResyncDone is answered.
     """
 
     def __init__(self, root: str | bytes, receiver: Receiver) -> None:
