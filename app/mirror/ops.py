@@ -240,6 +240,32 @@ ALL_OPS: tuple[type[Op], ...] = (
 )
 
 
+def parent_path(path: bytes) -> bytes:
+    """The relative path of ``path``'s directory (b"" for the replicated root)."""
+    return path.rpartition(b"/")[0]
+
+
+def times_touched(op: Op) -> tuple[bytes, ...]:
+    """Paths whose own times ``op`` moves on each side to that side's clock.
+
+    A namespace op changes its parent directory's mtime (and a new directory's, node's or
+    symlink's own times) when it is applied, so the primary and the secondary each get their
+    own "now". Regular files need nothing here: their times are replicated when their handle
+    is released, and a truncate by path sends them at once (fusefs.py).
+    """
+    match op:
+        case Create(path=p) | Unlink(path=p) | Rmdir(path=p):
+            return (parent_path(p),)
+        case Mkdir(path=p) | Mknod(path=p) | Symlink(path=p):
+            return (parent_path(p), p)
+        case Link(new=new):
+            return (parent_path(new),)
+        case Rename(old=old, new=new):
+            return (parent_path(old), parent_path(new), new)
+        case _:
+            return ()
+
+
 class Replicator(Protocol):
     """What the FUSE layer calls for every change.
 

@@ -56,6 +56,7 @@ from app.mirror.errors import ChannelError, MirrorError, ResyncError
 from app.mirror.exclude import Exclusions
 from app.mirror.journal import DirtyJournal, JournalError
 from app.mirror.journal_dirs import activity_log
+from app.mirror.ops import times_touched
 from app.mirror.protocol import (
     Connection,
     Event,
@@ -95,31 +96,6 @@ def op_paths(op: ops.Op) -> list[bytes]:
         if isinstance(value, bytes) and not (name == "path" and getattr(op, "fh", -1) >= 0):
             out.append(value)
     return out
-
-
-def _parent_of(path: bytes) -> bytes:
-    return path.rpartition(b"/")[0]
-
-
-def times_touched(op: ops.Op) -> tuple[bytes, ...]:
-    """Paths whose own times ``op`` moves on each side to that side's clock.
-
-    A namespace op changes its parent directory's mtime (and a new directory's, node's or
-    symlink's own times) when it is applied, so the primary and the secondary each get their
-    own "now". Regular files need nothing here: their times are replicated when their handle
-    is released, and a truncate by path sends them at once (fusefs.py).
-    """
-    match op:
-        case ops.Create(path=p) | ops.Unlink(path=p) | ops.Rmdir(path=p):
-            return (_parent_of(p),)
-        case ops.Mkdir(path=p) | ops.Mknod(path=p) | ops.Symlink(path=p):
-            return (_parent_of(p), p)
-        case ops.Link(new=new):
-            return (_parent_of(new),)
-        case ops.Rename(old=old, new=new):
-            return (_parent_of(old), _parent_of(new), new)
-        case _:
-            return ()
 
 
 def op_fh(op: ops.Op) -> int | None:
@@ -477,6 +453,9 @@ class DirPrimary:
             return link.submit(lambda i: ResyncDone(i))
 
         rein.finish(done)
+        with self.order:  # the live flush sends our times of what the session touched
+            room = max(0, _MAX_DIRTY_TIMES - len(self.dirty_times))
+            self.dirty_times.update(sorted(rein.times_dirty)[:room])
         self.progress.finish()
         self.resync = "done"
         svc.log.info(

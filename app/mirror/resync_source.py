@@ -31,8 +31,9 @@ Limits
       is listed in pages of LIST_PAGE entries.
     - Hard links are rebuilt in deep passes (source inode -> first path); incremental passes
       compare multiply-linked dirty files in full but do not re-link them.
-    - Directory times are set after their children; a live change inside a directory later
-      moves the target's directory mtime again (directory times are not replicated live).
+    - Directory times are set after their children in a deep pass; the directories a session
+      touched (its namespace ops, the parents of the paths it reconciled; ``times_dirty``, at
+      most TIMES_DIRTY_MAX) get the primary's times from the live flush once the pair is live.
     - Device nodes are skipped (the protocol refuses them).
     - Small logged ranges go as one WriteV op per ordering-lock hold; ranges of COPY_CHUNK
       or more, the differing blocks of a compare and a throttled session's ranges go as one
@@ -85,6 +86,8 @@ SUMS_AHEAD: Final = 8  # block-sum queries in flight per file (hides the round t
 COPY_CHUNK: Final = 1 << 20  # bytes read and queued per ordering-lock hold when sending data
 WINDOW_OPS: Final = 1024  # ops in flight (their answers are checked later, in order)
 RANGES_PER_HOLD: Final = 64  # small logged ranges read and queued per ordering-lock hold
+TIMES_DIRTY_MAX: Final = 65536  # directories remembered for the times flush (a full sync's
+# directories get their times from the walk itself, after their children)
 STAT_AHEAD: Final = 8  # incremental files whose target stat is asked ahead (hides the wait)
 WINDOW_BYTES: Final = 16 << 20
 MAX_REDO_PASSES: Final = 50
@@ -125,6 +128,9 @@ class Reintegrator:
         # progress: entries found while listing are added to files_total, except in a full
         # sync's first pass, whose _estimate counted the whole tree already
         self._count_found = True
+        # directories whose times this session moved on the target (its namespace ops, the
+        # parents of the paths it reconciled): the live flush sends ours afterwards
+        self.times_dirty: set[bytes] = set()
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -148,6 +154,8 @@ class Reintegrator:
     def _send(self, op: ops.Op, path: bytes) -> None:
         """Queue ``op`` (ordering lock held); its answer is checked later (windowed)."""
         ticket = self.outlet.submit(lambda i: Request(i, op))
+        if len(self.times_dirty) < TIMES_DIRTY_MAX:
+            self.times_dirty.update(ops.times_touched(op))
         size = _data_size(op)
         self._window.append((ticket, path, size))
         self._window_bytes += size
@@ -280,6 +288,9 @@ class Reintegrator:
         ranges: list[tuple[int, int]] | None,
     ) -> None:
         """Reconcile one entry; a local one counts as one entry done (progress)."""
+        if path and len(self.times_dirty) < TIMES_DIRTY_MAX:
+            # the entry may have come and gone here meanwhile: its directory's time moved
+            self.times_dirty.add(ops.parent_path(path))
         self._entry_once(path, local, remote, deep, ranges)
         if local is not None:
             self.progress.files_done += 1

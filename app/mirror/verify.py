@@ -33,8 +33,9 @@ Exceptions::
                         running) or the peer refused a query; ChannelError when the link fails
 
 Known limits
-    - Times (atime, mtime) are not compared: a resync does not restore directory times (live
-      changes send them, primary.flush_times), so they may differ without a data difference.
+    - Times (atime, mtime) are not compared: directory times reach the peer up to
+      primary.TIMES_PERIOD_S after a change (primary.flush_times), so a check made meanwhile
+      would report a difference that is not one.
     - Hard links are compared as separate files (inode identity is not compared); holes are
       not compared (a hole and a block of zeros are the same content).
     - When sizes differ, only the blocks wholly inside the shorter file are compared for

@@ -20,6 +20,7 @@ from tests.integration.mirror_helpers import (
     free_port,
     make_pair,
     run,
+    snapshot,
     sync_pair,
     wait_for,
 )
@@ -263,3 +264,32 @@ def test_the_state_shows_each_sessions_times_in_order(
     assert first["finished_at"] <= second["started_at"] <= second["finished_at"]
     assert second["session_s"] > 0
     assert_same(tmp_path / "p", tmp_path / "s")
+
+
+def test_directory_times_are_the_primarys_after_a_reintegration(
+    tmp_path: Path, env: dict[str, MirrorService]
+) -> None:
+    """Namespace changes made while the peer was away (one of them undone before it came
+    back) move directory times on the primary; the resync's own ops move them again on the
+    target; once live, the target has the primary's times."""
+    start_synced(tmp_path, env)
+    prim, p, s = env["prim"], tmp_path / "p", tmp_path / "s"
+    run(env["sec"].stop())
+    wait_for(lambda: prim.mirror_state() == "dropped")
+    prim.set_generation("gen2")
+    os.makedirs(p / "new" / "deeper")
+    (p / "new" / "deeper" / "file").write_bytes(b"made while alone")
+    (p / "came-and-went").write_bytes(b"x")
+    os.unlink(p / "came-and-went")  # only the root's time says it happened
+    os.unlink(p / "f05")
+    sec = new_secondary(tmp_path, env)
+    sync_pair(prim, sec)
+    wait_for(
+        lambda: (
+            snapshot(p, dir_times=True) == snapshot(s, dir_times=True)
+            and os.stat(p).st_mtime_ns == os.stat(s).st_mtime_ns
+        ),
+        timeout=10,
+        what="directory times on the target after the resync",
+    )
+    assert not (s / "f05").exists() and (s / "new" / "deeper" / "file").is_file()

@@ -81,7 +81,7 @@ def wait_identical(
 ) -> list[str]:
     """Poll until both copies are identical (bounded); the last differences otherwise.
 
-    ``all_times``: directory and symlink mtimes too (after live replication, not a resync).
+    ``all_times``: directory and symlink mtimes too (sent once the pair is live again).
     """
     a, b = copies(c)
     end = time.monotonic() + timeout
@@ -470,7 +470,7 @@ def test_reintegration_after_a_clean_absence_sends_only_the_changed_ranges() -> 
     with lab_cluster() as c:
         c.first_start(timeout=60)
         write_files(c, "node1", files, seed=1)
-        assert wait_identical(c) == []
+        assert wait_identical(c, all_times=True) == []
         c.stop_node("node2")
         c.wait_state("node1", "ALONE", timeout=30)
 
@@ -488,7 +488,7 @@ def test_reintegration_after_a_clean_absence_sends_only_the_changed_ranges() -> 
         sent = st["bytes_sent"]
         assert sent <= 1.2 * changed_bytes + 64 * 1024, (sent, changed_bytes, st)
         assert sent >= changed_bytes, (sent, changed_bytes, st)  # the changes were sent
-        assert wait_identical(c) == []
+        assert wait_identical(c, all_times=True) == []
 
         # Small writes scattered at unaligned offsets: each costs its 64 KiB block, no more.
         c.stop_node("node2")
@@ -501,7 +501,7 @@ def test_reintegration_after_a_clean_absence_sends_only_the_changed_ranges() -> 
         reform(c, "node2")
         sent = mirror(c, "node1")["bytes_sent"]
         assert sent <= 1.2 * len(blocks) * BLOCK + 64 * 1024, (sent, len(blocks))
-        assert wait_identical(c) == []
+        assert wait_identical(c, all_times=True) == []
 
 
 def set_bandwidth(c: LabCluster, mbps: float) -> None:
@@ -521,7 +521,7 @@ def test_kill9_during_a_resync_ends_identical(victim: str) -> None:
         set_bandwidth(c, 40)  # ~5 MB/s: 32 MiB of changes take seconds to resync
         c.first_start(timeout=60)
         write_files(c, "node1", files, seed=2)
-        assert wait_identical(c) == []
+        assert wait_identical(c, all_times=True) == []
         c.stop_node("node2")
         c.wait_state("node1", "ALONE", timeout=30)
         write_files(c, "node1", files, seed=3)  # every byte changes
@@ -551,7 +551,7 @@ def test_kill9_during_a_resync_ends_identical(victim: str) -> None:
             c.start_node("node2")
         c.wait_state("node1", "PRIM", timeout=180)
         c.wait_state("node2", "SECOND", timeout=180)
-        assert wait_identical(c) == []
+        assert wait_identical(c, all_times=True) == []
 
 
 def check_split_brain_resolved(c: LabCluster) -> None:

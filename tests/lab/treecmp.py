@@ -16,8 +16,8 @@ How it works
 
 Limits
     Directory, symlink and special-file times are compared only with ``all_times`` (the
-    mirror sends them after a live change; a resync does not restore them); atimes, ctimes
-    and inode numbers never are. Whole files are read
+    mirror sends them shortly after a change, once the pair is live); atimes, ctimes and
+    inode numbers never are. Whole files are read
     into a hash, so it suits test trees of up to some hundreds of MB. A tree that changes while
     it is walked gives meaningless differences: call it after the writers are quiet.
 """

@@ -1,9 +1,9 @@
-"""primary.times_touched: which paths' own times a namespace op moves on each side."""
+"""ops.times_touched: which paths' own times a namespace op moves on each side."""
 
 from __future__ import annotations
 
 from app.mirror import ops
-from app.mirror.primary import times_touched
+from app.mirror.ops import times_touched
 
 
 def test_namespace_ops_touch_their_parents_and_new_inodes() -> None:
