@@ -281,9 +281,19 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         return self._proc_root + b"/" + rel, False
 
     def _sync_times(self, rel: bytes, fd: int | None = None) -> None:
-        """Replicate the local atime/mtime of ``rel`` (a no-op locally)."""
-        st = os.fstat(fd) if fd is not None else os.stat(rel, dir_fd=self._root)
-        self._replicator.apply(ops.Utimens(rel, st.st_atime_ns, st.st_mtime_ns), lambda: None)
+        """Replicate the local atime/mtime of ``rel`` (a no-op locally).
+
+        Read and queued under the file's inode lock, like ``utimens``: a release (which the
+        kernel sends after close() returned) must not queue times read before an explicit
+        utimens that the application made meanwhile after that utimens.
+        """
+
+        def read() -> os.stat_result:
+            return os.fstat(fd) if fd is not None else os.stat(rel, dir_fd=self._root)
+
+        with self._inode_lock(read().st_ino):
+            st = read()
+            self._replicator.apply(ops.Utimens(rel, st.st_atime_ns, st.st_mtime_ns), _nothing)
 
     @staticmethod
     def _at(rel: bytes) -> bytes:
@@ -748,12 +758,14 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         rel = rel_path(path)
         at = self._at(rel)
         st = os.stat(at, dir_fd=self._root, follow_symlinks=False)
-        a_ns, m_ns = resolve_times(atime, mtime, time.time_ns(), st)
-        self._change(
-            not self._exclusions.excluded(rel, stat.S_ISDIR(st.st_mode)),
-            ops.Utimens(rel, a_ns, m_ns),
-            lambda: os.utime(at, ns=(a_ns, m_ns), dir_fd=self._root, follow_symlinks=False),
-        )
+        with self._inode_lock(st.st_ino):  # ordered with a release's time sync (_sync_times)
+            st = os.stat(at, dir_fd=self._root, follow_symlinks=False)  # UTIME_OMIT keeps this
+            a_ns, m_ns = resolve_times(atime, mtime, time.time_ns(), st)
+            self._change(
+                not self._exclusions.excluded(rel, stat.S_ISDIR(st.st_mode)),
+                ops.Utimens(rel, a_ns, m_ns),
+                lambda: os.utime(at, ns=(a_ns, m_ns), dir_fd=self._root, follow_symlinks=False),
+            )
         return 0
 
     @fuse_errors

@@ -1245,3 +1245,48 @@ def test_stop_aborts_a_mount_a_process_still_holds_and_leaves_fusectl_as_found(
         holder.kill()
         holder.wait(10)
         mount.stop()
+
+
+class _PauseFirstUtimens:
+    """A replicator that records ops and, once armed, holds the next Utimens until told."""
+
+    def __init__(self) -> None:
+        self.ops: list[ops.Op] = []
+        self.armed = threading.Event()
+        self.paused = threading.Event()
+        self.go = threading.Event()
+
+    def apply(self, op: ops.Op, local: Callable[[], Any]) -> Any:
+        if isinstance(op, ops.Utimens) and self.armed.is_set():
+            self.armed.clear()
+            self.paused.set()
+            self.go.wait(10)
+        result = local()
+        self.ops.append(op)
+        return result
+
+
+def test_times_read_at_release_never_land_after_a_later_utimens(
+    tmp_path: Path, mount_factory: Callable[..., Any]
+) -> None:
+    # The kernel sends RELEASE after close() returned; an application that sets the file's
+    # times right after closing it (tar, cp -p) races with the release's own time sync.
+    real = tmp_path / "real"
+    real.mkdir()
+    rec = _PauseFirstUtimens()
+    mount_factory(str(real), rec)
+    path = real / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"data")
+    rec.armed.set()
+    os.close(fd)
+    assert rec.paused.wait(10), "the release never synced the file's times"
+    setter = threading.Thread(target=os.utime, args=(path,), kwargs={"ns": (1, 2)})
+    setter.start()
+    setter.join(0.5)  # before the fix it finished here, while the release's times were held
+    rec.go.set()
+    setter.join(10)
+    assert not setter.is_alive()
+    assert os.stat(path).st_mtime_ns == 2
+    times = [op for op in rec.ops if isinstance(op, ops.Utimens) and op.path == b"f"]
+    assert times[-1] == ops.Utimens(b"f", 1, 2), times
