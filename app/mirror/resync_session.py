@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from app.mirror.protocol import Event
+from app.mirror.resync_codec import LIST_PAGE, QUERY_LIST, Entry, decode_entries
 from app.mirror.resync_plan import depth
 
 
@@ -120,3 +121,24 @@ class Throttle:
         ahead = self._sent / self.rate - (time.monotonic() - self._t0)
         if ahead > 0:
             self._sleep(min(ahead, 5.0))
+
+
+def later_pages(
+    order: threading.Lock,
+    query: Callable[[int, bytes, int, int], Ticket],
+    answer: Callable[[Ticket, str], bytes],
+    path: bytes,
+    page: list[Entry],
+    what: str,
+) -> dict[bytes, Entry]:
+    """The target's listing of ``path`` by name: ``page`` (the first, asked by the caller at
+    its own stream point) and the pages after it, each asked under ``order``."""
+    theirs = {e.name: e for e in page}
+    first = LIST_PAGE
+    while len(page) >= LIST_PAGE and first < (1 << 32):
+        with order:
+            ticket = query(QUERY_LIST, path, first, LIST_PAGE)
+        page = decode_entries(answer(ticket, what))
+        theirs.update((e.name, e) for e in page)
+        first += LIST_PAGE
+    return theirs

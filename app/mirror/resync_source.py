@@ -79,7 +79,7 @@ from app.mirror.resync_fs import (
     stat_path,
 )
 from app.mirror.resync_plan import Plan, differing, under
-from app.mirror.resync_session import Outlet, Progress, RedoSet, Throttle, Ticket
+from app.mirror.resync_session import Outlet, Progress, RedoSet, Throttle, Ticket, later_pages
 
 SUMS_CHUNK: Final = 16  # blocks hashed per query (1 MiB: bounds the ordering lock hold time)
 SUMS_AHEAD: Final = 8  # block-sum queries in flight per file (hides the round trip)
@@ -355,17 +355,11 @@ class Reintegrator:
                     return
                 raise ResyncError(f"cannot list {path!r}: {exc}") from exc
             ticket = self._query(QUERY_LIST, path, 0, LIST_PAGE)
-        page = decode_entries(self._reply(ticket, f"list {path!r}"))
-        theirs = {e.name: e for e in page}
-        first = LIST_PAGE
-        while len(page) >= LIST_PAGE and first < (1 << 32):
-            # Later pages are not taken at the same stream point; a live namespace change
-            # meanwhile is in the redo set anyway.
-            with self.order:
-                ticket = self._query(QUERY_LIST, path, first, LIST_PAGE)
-            page = decode_entries(self._reply(ticket, f"list {path!r}"))
-            theirs.update((e.name, e) for e in page)
-            first += LIST_PAGE
+        what = f"list {path!r}"
+        page = decode_entries(self._reply(ticket, what))
+        # Later pages are not taken at the same stream point; a live namespace change
+        # meanwhile is in the redo set anyway.
+        theirs = later_pages(self.order, self._query, self._reply, path, page, what)
         if self._count_found:
             self.progress.files_total += sum(
                 1 for n in mine if not self.excluded(path + b"/" + n if path else n)

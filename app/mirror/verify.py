@@ -79,6 +79,7 @@ from app.mirror.resync import (
     open_file,
     stat_path,
 )
+from app.mirror.resync_session import later_pages
 
 MAX_DIFFERENCES: Final = 10_000
 MAX_ENTRIES: Final = 100_000_000  # bound of the walk (entries visited)
@@ -382,15 +383,9 @@ class Verifier:
         with self.order:
             mine = self._list_local(path)
             ticket = self._query(QUERY_LIST, path, 0, LIST_PAGE)
-        page = decode_entries(self._reply(ticket, f"list {self._name(path)}"))
-        theirs = {e.name: e for e in page}
-        first = LIST_PAGE
-        while len(page) >= LIST_PAGE and first < (1 << 32):
-            with self.order:
-                ticket = self._query(QUERY_LIST, path, first, LIST_PAGE)
-            page = decode_entries(self._reply(ticket, f"list {self._name(path)}"))
-            theirs.update((e.name, e) for e in page)
-            first += LIST_PAGE
+        what = f"list {self._name(path)}"
+        page = decode_entries(self._reply(ticket, what))
+        theirs = later_pages(self.order, self._query, self._reply, path, page, what)
         subdirs: list[tuple[bytes, bool]] = []
         for name in sorted(set(mine) | set(theirs)):
             child = path + b"/" + name if path else name
