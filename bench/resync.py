@@ -7,10 +7,11 @@ How it works
     start; a LabCluster (replicated=True) is then formed (first_start: node1 PRIM, node2
     SECOND Ready after its initial sync).
 
-    Incremental (reintegration): node2 is stopped cleanly (node1 goes ALONE), a copy of node2's
-    tree is taken as the rsync baseline's "old" directory, then ``--change-pct`` % of the tree
-    (1 % by default) is overwritten through node1's mount in distinct random 4 KiB blocks
-    (``CHANGE`` script, fsync per file). node2 is started again and two times are taken:
+    Incremental (reintegration), ``--rounds`` rounds (3 by default), each: node2 is stopped
+    cleanly (node1 goes ALONE), a copy of node2's tree is taken as the rsync baseline's "old"
+    directory, then ``--change-pct`` % of the tree (1 % by default) is overwritten through
+    node1's mount in distinct random 4 KiB blocks (``CHANGE`` script, its own seed per round,
+    fsync per file). node2 is started again and two times are taken:
 
     - the session (the figure compared with rsync): node1's own timestamps of the resync
       session, ``session_s`` in its state (``mirror.resync``: ``started_at``, ``finished_at``,
@@ -27,7 +28,10 @@ How it works
     Bytes sent is node1's mirror status ``bytes_sent`` (the live link's counter, a fresh link
     since node2 came back: resync queries, checksums and data). Baseline: ``rsync -a --inplace
     --no-whole-file --stats`` from node1's changed tree (a plain directory seen from the host)
-    into the "old" copy; time, and "Total bytes sent" from --stats.
+    into the "old" copy; time, and "Total bytes sent" from --stats. Each round pairs its
+    session with its own rsync run; the summary is the round with the median rsync/session
+    ratio (its figures belong together), with the range of the ratios and every round under
+    "runs": this shared machine's timings drift by tens of percent between minutes.
 
     Full sync: node2 is stopped, its data directory emptied and its state directory removed
     (a new, empty secondary), then started; the session and the start-to-Ready times as
@@ -53,7 +57,8 @@ Known limits
     timed without any flush (they return with the data in the page cache). rsync's time
     includes its process start and a local (pipe) transfer, no remote host; mirrorha's
     session includes neither a process start nor the heartbeat handshake (the start-to-Ready
-    time does). One run each.
+    time does). The full sync runs once. ``--prefix`` names the lab (default "mhy-"), so two
+    benches can run side by side.
 """
 
 from __future__ import annotations
@@ -208,9 +213,11 @@ def rejoin(cluster: LabCluster, timeout: float) -> tuple[float, float, float, di
     return took, answered, float(took_s), mirror
 
 
-def incremental(
-    lab: Lab, cluster: LabCluster, args: argparse.Namespace, say: Callable[[str], None]
+def incremental_round(
+    lab: Lab, cluster: LabCluster, args: argparse.Namespace, seed: int, say: Callable[[str], None]
 ) -> dict[str, Any]:
+    """One reintegration round: node2 away, ``--change-pct`` % changed with ``seed``, node2
+    back (mirrorha's session), then rsync of the same change into a copy of node2's old tree."""
     src = lab.host_path("node1", DATA_DIR)
     dst = lab.host_path("node2", DATA_DIR)
     plain = lab.workdir / "plain"
@@ -223,7 +230,7 @@ def incremental(
     script.write_text(CHANGE)
     out = lab.run(
         "node1",
-        [sys.executable, str(script), DATA_DIR, str(args.change_pct), str(SEED + 1)],
+        [sys.executable, str(script), DATA_DIR, str(args.change_pct), str(seed)],
         timeout=args.timeout,
     ).stdout
     change = json.loads(out.strip().splitlines()[-1])
@@ -247,7 +254,10 @@ def incremental(
     )
     rs_sent = rsync_sent(stats)
     rs_identical = same_tree(src, old)
-    say(f"  rsync --inplace --no-whole-file: {rs_s:.2f} s, {rs_sent} bytes sent")
+    say(
+        f"  rsync --inplace --no-whole-file: {rs_s:.3f} s, {rs_sent} bytes sent; "
+        f"rsync / session = {rs_s / session:.2f}"
+    )
     shutil.rmtree(old)
     return {
         "changed_bytes": change["bytes"],
@@ -267,6 +277,32 @@ def incremental(
         "sent_over_changed": round(sent / change["bytes"], 3),
         "rsync_sent_over_changed": round(rs_sent / change["bytes"], 3),
     }
+
+
+def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary of ``runs``: the round whose speedup over rsync is the median (lower
+    median for an even count), so its figures belong together; every round in "runs",
+    the speedups' range in "speedup_range", and "identical" only if every round was."""
+    order = sorted(runs, key=lambda r: r["speedup_vs_rsync"])
+    out = dict(order[(len(order) - 1) // 2])
+    out["rounds"] = len(runs)
+    out["speedup_range"] = [order[0]["speedup_vs_rsync"], order[-1]["speedup_vs_rsync"]]
+    out["mirrorha_identical"] = all(r["mirrorha_identical"] for r in runs)
+    out["rsync_identical"] = all(r["rsync_identical"] for r in runs)
+    out["runs"] = runs
+    return out
+
+
+def incremental(
+    lab: Lab, cluster: LabCluster, args: argparse.Namespace, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """``--rounds`` reintegration rounds, each with its own change (another seed), each
+    paired with its rsync run: the median round by speedup."""
+    runs = []
+    for n in range(args.rounds):
+        say(f" round {n + 1} of {args.rounds}")
+        runs.append(incremental_round(lab, cluster, args, SEED + 1 + n, say))
+    return median_round(runs)
 
 
 def full(
@@ -316,14 +352,15 @@ def full(
 
 
 def measure(args: argparse.Namespace, result: dict[str, Any], say: Callable[[str], None]) -> None:
-    lab = Lab(prefix=PREFIX)
+    lab = Lab(prefix=args.prefix)
     cluster: LabCluster | None = None
     try:
         lab.up()
         src = lab.host_path("node1", DATA_DIR)
         t0 = time.monotonic()
         result["size_bytes"] = make_tree(src, args.size_mb, SEED)
-        say(f"lab {PREFIX} up; {args.size_mb} MiB tree written in {time.monotonic() - t0:.1f} s")
+        took = time.monotonic() - t0
+        say(f"lab {args.prefix} up; {args.size_mb} MiB tree written in {took:.1f} s")
         cluster = LabCluster(lab, replicated=True)
         t0 = time.monotonic()
         cluster.first_start(timeout=args.timeout)
@@ -351,12 +388,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-mb", type=int, default=1024, help="tree size in MiB (1024)")
     ap.add_argument("--change-pct", type=float, default=1.0, help="% changed meanwhile (1)")
     ap.add_argument("--timeout", type=float, default=1200.0, help="bound of every wait, s")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="reintegration rounds, median reported (3)"
+    )
+    ap.add_argument("--prefix", default=PREFIX, help=f"lab namespace prefix ({PREFIX})")
     ap.add_argument("--quick", action="store_true", help="a 64 MiB tree (for tests)")
     args = ap.parse_args(argv)
     if args.quick:
         args.size_mb = 64
-    if args.size_mb < 1 or not 0 < args.change_pct <= 100 or args.timeout <= 0:
-        ap.error("--size-mb >= 1, --change-pct in (0, 100], --timeout > 0")
+    if (
+        args.size_mb < 1
+        or not 0 < args.change_pct <= 100
+        or args.timeout <= 0
+        or not 1 <= args.rounds <= 50
+    ):
+        ap.error("--size-mb >= 1, --change-pct in (0, 100], --timeout > 0, --rounds in 1..50")
     if os.geteuid() != 0:
         print("bench/resync.py needs root (lab namespaces, FUSE mounts)", file=sys.stderr)
         return 2
@@ -411,9 +457,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{'rsync --inplace --no-whole-file':<34}{inc['rsync_s']:>10.3f}"
         f"{inc['rsync_bytes_sent']:>16}{inc['rsync_sent_over_changed']:>14.3f}"
     )
+    lo, hi = inc["speedup_range"]
     say(
         f"rsync time / mirrorha session = {inc['speedup_vs_rsync']:.2f} "
         f"(rsync time / mirrorha start->Ready = {inc['start_to_ready_speedup_vs_rsync']:.2f})"
+    )
+    say(
+        f"the median of {inc['rounds']} rounds by rsync / session (each round its own change "
+        f"and its own rsync run): range {lo:.2f}..{hi:.2f}"
     )
     say(f"full sync of {args.size_mb} MiB into an empty directory")
     say(f"{'':34}{'time s':>10}{'MB/s':>10}{'bytes sent':>16}")

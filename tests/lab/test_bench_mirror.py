@@ -167,6 +167,10 @@ def test_resync_quick_prints_every_figure_as_json_and_cleans_up() -> None:
     assert inc["mirrorha_identical"] is True
     assert full["mirrorha_identical"] is True
     assert inc["rsync_identical"] is True
+    # three rounds by default, each its own change and rsync run; the summary is the median
+    assert inc["rounds"] == len(inc["runs"]) == 3
+    assert sorted(r["speedup_vs_rsync"] for r in inc["runs"])[1] == inc["speedup_vs_rsync"]
+    assert all(r["mirrorha_identical"] and r["rsync_identical"] for r in inc["runs"])
     assert set(result["goals"]) == {"speedup_ge_10x_rsync", "sent_le_1_2x_changed"}
     for label in (
         "reintegration",
@@ -176,5 +180,6 @@ def test_resync_quick_prints_every_figure_as_json_and_cleans_up() -> None:
         "cp -a",
         "full sync",
         "goals",
+        "median of 3 rounds",
     ):
         assert label in table, table
