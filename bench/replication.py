@@ -2,7 +2,8 @@
 """Replication benchmark: local disk, the FUSE layer with no peer, and the replicated mount.
 
 How it works
-    One lab (prefix "mhr-", app/lab.py) is built and three targets are set up side by side:
+    One lab (prefix "mhr-", or ``--prefix``; app/lab.py) is built and three targets are set
+    up side by side:
 
     - ``local``: a plain directory under the lab's work dir (the same filesystem as the node
       directories behind /srv/mirrorha/data);
@@ -333,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=3, help="rounds of seq, 4 KiB and metadata; medians (3)"
     )
     ap.add_argument("--skip-pgbench", action="store_true", help="no PostgreSQL run")
+    ap.add_argument("--prefix", default=PREFIX, help=f"lab namespace prefix ({PREFIX})")
     ap.add_argument("--quick", action="store_true", help="small sizes, short pgbench (tests)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -393,7 +395,7 @@ def measure(args: argparse.Namespace, result: dict[str, Any], say: Callable[[str
     from app.mirror.mount import MirrorMount
     from app.mirror.ops import LocalOnly
 
-    lab = Lab(prefix=PREFIX)
+    lab = Lab(prefix=args.prefix)
     cluster: LabCluster | None = None
     mount: MirrorMount | None = None
     try:
@@ -407,7 +409,10 @@ def measure(args: argparse.Namespace, result: dict[str, Any], say: Callable[[str
         base.chmod(0o755)
         script = base / "workload.py"
         script.write_text(WORKLOAD)
-        say(f"lab {PREFIX} up; local {local_dir}, fuse (no peer) {fuse_dir}, replicated {DATA_DIR}")
+        say(
+            f"lab {args.prefix} up; local {local_dir}, fuse (no peer) {fuse_dir}, "
+            f"replicated {DATA_DIR}"
+        )
         mount = MirrorMount(fuse_dir, LocalOnly())
         mount.start()
         mount.wait_ready(10.0)
