@@ -1,12 +1,16 @@
 """The decision core of a node: one snapshot in, one decision out. No I/O, no clock.
 
-Rule 1: everything that affects state transitions lives here. The node daemon builds a frozen
-``Snapshot`` every tick (the time is a number in it), calls ``decide(snapshot, config)`` and runs
-the returned ``Decision.actions`` in order through its adapters. ``decide`` reads nothing else.
-The words it decides with are plain data defined next door and re-exported from here (import
-them from ``app.cluster.core`` as before): the enums (State, Sub, Command, PeerRequest, Witness,
-Resync, Mirror, Verdict, Goal, Script) in vocabulary.py, Snapshot/Peer/Checker/CoreConfig in
-snapshot.py, the actions, Outcome and Decision in actions.py. None of them holds a rule.
+Rule 1: everything that affects state transitions lives here and in the two modules the rules
+are split into: transitions.py (how a state is entered and left, what the snapshot says about
+the peer) and commands.py (the admin commands: ``check_command``, ``CoreError``,
+``IllegalCommand``, re-exported from here). This module holds ``decide`` and one handler per
+state. The node daemon builds a frozen ``Snapshot`` every tick (the time is a number in it),
+calls ``decide(snapshot, config)`` and runs the returned ``Decision.actions`` in order through
+its adapters. ``decide`` reads nothing else. The words it decides with are plain data defined
+next door and re-exported from here (import them from ``app.cluster.core`` as before): the enums
+(State, Sub, Command, PeerRequest, Witness, Resync, Mirror, Verdict, Goal, Script) in
+vocabulary.py, Snapshot/Peer/Checker/CoreConfig in snapshot.py, the actions, Outcome and
+Decision in actions.py. None of them holds a rule.
 
 States and sub-states (the reference product's words)
     STOP -> WAIT -> ALONE | PRIM | SECOND, each NotReady / Transient / Ready. Entering a state
@@ -28,10 +32,8 @@ How a tick is run (the executor's contract)
        (``scripts.run_stop``); ``force=True`` means the forced call only (forcestop).
 
 Ordering rules the decisions guarantee
-    Leaving ALONE/PRIM releases the VIP first. The VIP is claimed only after
-    ``StartMirrorPrimary`` succeeded, and ``NewGeneration`` comes before the application starts.
-    In a swap the primary stops its application (``stop_prim``) and only then tells the peer to
-    take over; the peer takes over only from a primary that is WAIT and not Transient.
+    The sequences that release and claim the VIP and start a new generation are built in
+    transitions.py, whose docstring states their order; the swap hand-over is in commands.py.
 
 Peer loss, witness, split brain
     A primary that loses the peer stays primary alone (ALONE, new generation) if the witness
@@ -50,7 +52,7 @@ Witness answers
     again. Answers at different moments prove nothing: the peer may have reached the witness,
     gone ALONE and died while this node could not reach it (found by the pair simulator).
 
-Exception tree
+Exception tree (defined in commands.py)
     ClusterError (errors.py)
      +-- CoreError
            +-- IllegalCommand   an admin command not allowed in this situation (says why)
@@ -89,9 +91,29 @@ from app.cluster.actions import (
     StartResync,
     StopMirror,
 )
-from app.cluster.errors import ClusterError
-from app.cluster.generation import Generation, Origin, Relation, compare, origin_rank
+from app.cluster.commands import CoreError, IllegalCommand, _apply_command, _swap_out, check_command
+from app.cluster.generation import Origin, Relation, origin_rank
 from app.cluster.snapshot import Checker, CoreConfig, Peer, Snapshot
+from app.cluster.transitions import (
+    _PRIMARY,
+    _RUNNING,
+    _enter_alone,
+    _enter_second,
+    _leave,
+    _lone_wait_reason,
+    _lost_for,
+    _peer_active,
+    _peer_out_cleanly,
+    _peer_text,
+    _quarantine_needed,
+    _relation,
+    _script,
+    _stay,
+    _to_wait,
+    _up_to_date_against,
+    _winner_by_name,
+    _witness_text,
+)
 from app.cluster.vocabulary import (
     Command,
     Goal,
@@ -105,8 +127,8 @@ from app.cluster.vocabulary import (
     Witness,
 )
 
-# Re-exported: the rules' names are defined here; the others in vocabulary.py, snapshot.py
-# and actions.py (see the module docstring).
+# Re-exported: the rules' names are defined here and in commands.py; the others in
+# vocabulary.py, snapshot.py and actions.py (see the module docstring).
 # fmt: off
 __all__ = [
     "Action", "Checker", "ClaimVip", "Command", "CoreConfig", "CoreError", "Decision", "Goal",
@@ -119,314 +141,7 @@ __all__ = [
 # fmt: on
 
 
-class CoreError(ClusterError):
-    """Base of the decision core's errors."""
-
-
-class IllegalCommand(CoreError):
-    """An admin command that is refused here and now; the message says why."""
-
-
-# ------------------------------------------------------------------ helpers
-
-_PRIMARY = (State.ALONE, State.PRIM)
 _STOPPING = (Goal.STOP, Goal.STOPSTART, Goal.FAILED)
-_RUNNING = (State.ALONE, State.PRIM, State.SECOND)
-
-
-def _script(name: Script, cur: State, nxt: State, action: str, force: bool = False) -> RunScript:
-    return RunScript(name, cur, nxt, action, force)
-
-
-def _leave(s: Snapshot, nxt: State, action: str, force: bool = False) -> list[Action]:
-    """Stop what the current state runs, VIP first, and run the transition script."""
-    cur = s.state
-    acts: list[Action] = []
-    if cur in _PRIMARY or s.vip_held:
-        acts.append(ReleaseVip())
-    if cur in _PRIMARY:
-        acts.append(_script(Script.STOP_PRIM, cur, nxt, action, force))
-    if cur is State.SECOND and s.substatus is not Sub.TRANSIENT:
-        acts.append(_script(Script.STOP_SECOND, cur, nxt, action, force))
-    both_ran = cur in _PRIMARY or (cur is State.SECOND and s.substatus is not Sub.TRANSIENT)
-    if both_ran and (nxt in (State.WAIT, State.STOP) or cur in _PRIMARY):
-        acts.append(_script(Script.STOP_BOTH, cur, nxt, action, force))
-    if cur in _RUNNING:
-        acts.append(StopMirror())
-    if cur in _PRIMARY:
-        acts.append(MarkPrimary(False))
-    if cur is not nxt:
-        acts.append(_script(Script.TRANSITION, cur, nxt, action))
-    return acts
-
-
-def _enter_alone(s: Snapshot, action: str, origin: Origin, reason: str) -> Decision:
-    """From WAIT, STOP (after start scripts) or SECOND: become primary alone."""
-    cur = s.state
-    acts: list[Action] = []
-    if cur is State.STOP:
-        acts += [_script(Script.TRANSITION, cur, State.WAIT, "start")]
-        acts += [_script(Script.PRESTART, cur, State.WAIT, "start")]
-        cur = State.WAIT
-    if cur is State.SECOND:
-        if s.substatus is not Sub.TRANSIENT:
-            acts.append(_script(Script.STOP_SECOND, cur, State.ALONE, action))
-        acts.append(StopMirror())
-    acts += [NewGeneration(origin), MarkPrimary(True), StartMirrorPrimary()]
-    acts.append(_script(Script.TRANSITION, cur, State.ALONE, action))
-    acts.append(ClaimVip())
-    if not (s.state is State.SECOND and s.substatus is not Sub.TRANSIENT):
-        acts.append(_script(Script.START_BOTH, cur, State.ALONE, action))
-    acts.append(_script(Script.START_PRIM, cur, State.ALONE, action))
-    return Decision(State.ALONE, Sub.TRANSIENT, tuple(acts), reason)
-
-
-def _enter_second(
-    s: Snapshot, action: str, full: bool, reason: str, quarantine: str | None = None
-) -> Decision:
-    """Become SECOND Transient: quarantine if needed, mark inconsistent, receive, resync."""
-    acts: list[Action] = []
-    cur = s.state
-    if cur is State.STOP:
-        acts += [_script(Script.TRANSITION, cur, State.WAIT, "start")]
-        acts += [_script(Script.PRESTART, cur, State.WAIT, "start")]
-    elif cur is not State.WAIT:
-        acts += _leave(s, State.SECOND, action)
-    elif s.vip_held:
-        acts.append(ReleaseVip())
-    if cur in (State.STOP, State.WAIT):
-        acts.append(_script(Script.TRANSITION, State.WAIT, State.SECOND, action))
-    if quarantine is not None:
-        acts.append(Quarantine(quarantine))
-    acts += [MarkInconsistent(), StartReceiver(), StartResync("target", full)]
-    return Decision(State.SECOND, Sub.TRANSIENT, tuple(acts), reason)
-
-
-def _to_wait(s: Snapshot, action: str, reason: str, goal: Goal = Goal.NONE) -> Decision:
-    acts = _leave(s, State.WAIT, action)
-    sub = (
-        Sub.TRANSIENT
-        if any(isinstance(a, RunScript) and a.name is not Script.TRANSITION for a in acts)
-        else Sub.NOT_READY
-    )
-    return Decision(State.WAIT, sub, tuple(acts), reason, goal)
-
-
-def _stay(
-    s: Snapshot,
-    reason: str,
-    actions: tuple[Action, ...] = (),
-    goal: Goal = Goal.NONE,
-    sub: Sub | None = None,
-) -> Decision:
-    """Keep the state; a Transient state settles once the previous actions succeeded."""
-    if sub is None:
-        sub = s.substatus
-        if sub is Sub.TRANSIENT and not actions and (s.last is None or s.last.ok):
-            sub = Sub.NOT_READY if s.state in (State.WAIT, State.STOP) else Sub.READY
-        if s.state in (State.WAIT, State.STOP) and sub is Sub.READY:
-            sub = Sub.NOT_READY
-    return Decision(s.state, sub, actions, reason, goal)
-
-
-def _peer_active(p: Peer) -> bool:
-    """The peer runs and did not announce a clean stop."""
-    return p.seen and not p.stopping and p.state is not None and p.state is not State.STOP
-
-
-def _peer_out_cleanly(p: Peer) -> bool:
-    return p.stopping or (p.seen and p.state is State.STOP)
-
-
-def _lost_for(s: Snapshot) -> float:
-    ref = s.peer.last_seen if s.peer.last_seen is not None else s.since
-    return max(0.0, s.now - ref)
-
-
-def _witness_text(cfg: CoreConfig) -> str:
-    return f"witness {cfg.witness}"
-
-
-def _relation(s: Snapshot) -> Relation | None:
-    """Our data against the peer's. The ``primary`` crash marker counts only for a node that
-    is not running as primary right now (a live primary sets it on purpose)."""
-    p = s.peer
-    if p.generation is None:
-        return None
-    local, peer = s.generation, p.generation
-    if s.state in _PRIMARY:
-        local = replace(local, primary=False)
-    if p.state in _PRIMARY:  # its latest heartbeat came from a live primary
-        peer = replace(peer, primary=False)
-    return compare(local, peer)
-
-
-def _winner_by_name(cfg: CoreConfig) -> bool:
-    """Tie-break between equals: the preferred node, else the smaller name. True: we win."""
-    if cfg.failback in (cfg.node, cfg.peer):
-        return cfg.failback == cfg.node
-    return cfg.node < cfg.peer
-
-
-def _lone_wait_reason(s: Snapshot) -> str:
-    g = s.generation
-    if s.generation_problem is not None:
-        return (
-            f"WAIT: generation file unusable ({s.generation_problem}); data treated as "
-            "unknown: wait for the other server, or run prim if you are sure"
-        )
-    if g.inconsistent:
-        return (
-            "WAIT: data inconsistent (stopped during a resync): wait for the other server; "
-            "only primforce starts this copy"
-        )
-    if g.fresh:
-        return "WAIT: data never synchronised: run prim on the node with the good data"
-    return (
-        "WAIT: data may not be up to date; wait for the other server, or run prim if you are sure"
-    )
-
-
-def _up_to_date_against(rel: Relation | None, g: Generation) -> bool:
-    return (
-        rel is not None
-        and not g.inconsistent
-        and not g.fresh
-        and (rel is Relation.EQUAL or rel.local_newer)
-    )
-
-
-# ------------------------------------------------------------------ commands
-
-
-def check_command(snapshot: Snapshot, command: Command) -> None:
-    """Raise ``IllegalCommand`` (saying why) if ``command`` is not allowed now."""
-    s, p = snapshot, snapshot.peer
-    st = s.state
-    peer_primary = _peer_active(p) and p.state in _PRIMARY
-    if command is Command.START and st is not State.STOP:
-        raise IllegalCommand(f"start: the module is already started (state {st})")
-    if command in (Command.STOP, Command.FORCESTOP, Command.STOPSTART) and st is State.STOP:
-        raise IllegalCommand(f"{command}: the module is already stopped")
-    if command is Command.RESTART and st not in _RUNNING:
-        raise IllegalCommand(
-            f"restart restarts the application, which runs only in ALONE, PRIM or SECOND "
-            f"(state {st}): use start or stopstart"
-        )
-    if command is Command.SWAP:
-        peer_second_ready = (
-            _peer_active(p) and p.state is State.SECOND and (p.substatus is Sub.READY)
-        )
-        if st is State.PRIM and peer_second_ready and s.substatus is Sub.READY:
-            return
-        if (
-            st is State.SECOND
-            and s.substatus is Sub.READY
-            and _peer_active(p)
-            and (p.state is State.PRIM)
-        ):
-            return
-        raise IllegalCommand(
-            f"swap needs PRIM Ready and SECOND Ready (here {st} {s.substatus}, peer "
-            f"{_peer_text(p)})"
-        )
-    if command in (Command.PRIM, Command.PRIMFORCE):
-        if st in _PRIMARY:
-            raise IllegalCommand(f"{command}: this node is already primary ({st})")
-        if peer_primary:
-            raise IllegalCommand(
-                f"{command}: the peer is primary ({p.state}); run second here, or stop the "
-                "peer first"
-            )
-        if command is Command.PRIM and s.generation.inconsistent:
-            raise IllegalCommand(
-                "prim: this node was stopped in the middle of a resync and its data is "
-                "inconsistent; use primforce only if you accept this copy (the peer then gets "
-                "a full resync)"
-            )
-    if command in (Command.SECOND, Command.SECOND_FULLSYNC):
-        if not peer_primary:
-            raise IllegalCommand(
-                f"{command}: the peer must be primary (ALONE or PRIM), it is {_peer_text(p)}"
-            )
-        if st is State.SECOND and command is Command.SECOND:
-            raise IllegalCommand("second: already SECOND; use second fullsync to copy again")
-
-
-def _peer_text(p: Peer) -> str:
-    if p.stopping:
-        return "stopped"
-    if not p.seen or p.state is None:
-        return "not seen"
-    return f"{p.state} {p.substatus}"
-
-
-def _apply_command(s: Snapshot, cfg: CoreConfig, cmd: Command) -> Decision:
-    st = s.state
-    acts: tuple[Action, ...]
-    if cmd is Command.START:
-        acts = (
-            _script(Script.TRANSITION, st, State.WAIT, "start"),
-            _script(Script.PRESTART, st, State.WAIT, "start"),
-        )
-        return Decision(State.WAIT, Sub.TRANSIENT, acts, "WAIT: starting (prestart)")
-    if cmd in (Command.STOP, Command.FORCESTOP, Command.STOPSTART):
-        goal = Goal.STOPSTART if cmd is Command.STOPSTART else Goal.STOP
-        acts = tuple(_leave(s, State.WAIT, str(cmd), force=cmd is Command.FORCESTOP))
-        return Decision(State.WAIT, Sub.TRANSIENT, acts, f"WAIT: {cmd} requested", goal)
-    if cmd is Command.RESTART:
-        if st in _PRIMARY:
-            acts = (
-                _script(Script.STOP_PRIM, st, st, "restart"),
-                _script(Script.START_PRIM, st, st, "restart"),
-            )
-        else:
-            acts = (
-                _script(Script.STOP_SECOND, st, st, "restart"),
-                _script(Script.START_SECOND, st, st, "restart"),
-            )
-        # SECOND Transient means resynchronising: a SECOND keeps its sub-state here.
-        sub = s.substatus if st is State.SECOND else Sub.TRANSIENT
-        return Decision(st, sub, acts, f"{st}: restarting the application")
-    if cmd is Command.SWAP:
-        if st is State.SECOND:
-            return _stay(
-                s,
-                "SECOND: swap requested; asking the primary to hand over",
-                (SendToPeer(PeerRequest.SWAP),),
-            )
-        return _swap_out(s, "swap requested by the admin")
-    if cmd in (Command.PRIM, Command.PRIMFORCE):
-        why = "data inconsistent, forced" if s.generation.inconsistent else "forced by the admin"
-        return _enter_alone(s, str(cmd), Origin.FORCED, f"ALONE: {cmd} ({why})")
-    # second / second fullsync
-    rel = _relation(s)
-    full = cmd is Command.SECOND_FULLSYNC or rel is None or rel.full
-    quarantine = _quarantine_needed(s, rel, "second forced by the admin")
-    return _enter_second(
-        s, str(cmd), full, f"SECOND: {cmd} requested; resynchronising from {cfg.peer}", quarantine
-    )
-
-
-def _quarantine_needed(s: Snapshot, rel: Relation | None, why: str) -> str | None:
-    """Our data holds writes the peer lacks: keep them before they are overwritten."""
-    if s.generation.inconsistent or s.generation.fresh:
-        return None
-    if rel is None or rel in (Relation.DIVERGED, Relation.UNKNOWN) or rel.local_newer:
-        return f"{why}: this node's writes since generation {s.generation.current} kept"
-    return None
-
-
-def _swap_out(s: Snapshot, why: str) -> Decision:
-    acts = _leave(s, State.WAIT, "swap")
-    acts.append(SendToPeer(PeerRequest.TAKE_OVER))
-    return Decision(
-        State.WAIT,
-        Sub.TRANSIENT,
-        tuple(acts),
-        f"WAIT: {why}; application stopped here, the peer takes over",
-        Goal.SWAP,
-    )
 
 
 # ------------------------------------------------------------------ decide
