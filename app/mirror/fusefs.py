@@ -9,13 +9,14 @@ How it works
     that are not UTF-8 round-trip. Extended attributes, which have no ``*at()`` call, go through
     ``/proc/self/fd/<root_fd>/<path>`` (still relative to the handle, final link not followed).
     The libfuse glue (``serve`` and the binding that puts back what mfusepy drops: rename
-    flags, handles of truncate/chmod/chown/utimens, the writepage bit, lseek) is fusebinding.py.
+    flags, handles of truncate/chmod/chown/utimens, the writepage bit, lseek) is fusebinding.py;
+    the per-handle record is fusefs_handles.py, the system calls ``os`` lacks fusefs_sys.py.
 
     A change calls ``replicator.apply(op, local)`` with the ``app.mirror.ops`` value and a closure
     that makes the local change; reads, getattr, readdir, readlink, statfs, lseek and xattr reads
-    are served locally only. Open files get a handle number from a counter (never reused while
-    the filesystem lives) mapped to a local fd; handles opened for writing (write access,
-    O_TRUNC, or create) are announced with ``Open``/``Create`` and dropped with ``Release``.
+    are served locally only. Open files get a handle number mapped to a ``_Handle`` (local fd,
+    flags; fusefs_handles.py); handles opened for writing are announced with ``Open``/``Create``
+    and dropped with ``Release``.
 
     Offsets: the kernel computes O_APPEND offsets from its cached size, which is wrong for a
     file written through another hard-linked name (libfuse's high-level API gives every name
@@ -73,7 +74,6 @@ Known limits
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import itertools
@@ -105,6 +105,17 @@ from app.mirror.fusebinding import (
     stat_dict,
     xattr_name,
 )
+from app.mirror.fusefs_handles import _INODE_LOCKS, _Handle
+from app.mirror.fusefs_sys import FALLOC_FL_KEEP_SIZE as FALLOC_FL_KEEP_SIZE
+from app.mirror.fusefs_sys import FALLOC_FL_PUNCH_HOLE as FALLOC_FL_PUNCH_HOLE
+from app.mirror.fusefs_sys import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    _fallocate,
+    _pwrite_all,
+    _raise_errno,
+    _renameat2,
+)
 from app.mirror.ops import Replicator
 
 # serve and MOUNT_OPTIONS live in fusebinding.py and are re-exported from here.
@@ -122,12 +133,7 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-RENAME_NOREPLACE = 1 << 0
-RENAME_EXCHANGE = 1 << 1
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
-_INODE_LOCKS = 64
 
 _STATVFS_KEYS = (
     "f_bsize",
@@ -140,14 +146,6 @@ _STATVFS_KEYS = (
     "f_favail",
     "f_namemax",
 )
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_renameat2 = _libc.renameat2
-_renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
-_renameat2.restype = ctypes.c_int
-_fallocate = _libc.fallocate
-_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_fallocate.restype = ctypes.c_int
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,31 +163,6 @@ class CacheTimeouts:
 
 
 DEFAULT_TIMEOUTS = CacheTimeouts()
-
-
-@dataclass(slots=True)
-class _Handle:
-    fd: int
-    writable: bool
-    append: bool
-    sync: bool | None  # None: plain; False: O_SYNC (fsync); True: O_DSYNC (fdatasync)
-    lock: threading.Lock
-    wrote: bool = False
-    replicated: bool = True  # False: opened by an excluded name, changes stay local
-
-
-def _raise_errno(result: int) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
-    view = memoryview(data)
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, view[done:], offset + done)
-    return done
 
 
 class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
