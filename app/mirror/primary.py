@@ -479,7 +479,9 @@ class DirPrimary:
         self.apply(op, lambda: None)
 
     def settle(self) -> None:
-        """Before a verify re-check: let the ops already queued be acknowledged (bounded)."""
+        """Before a verify re-check: send the pending directory and symlink times, let the
+        ops already queued be acknowledged (bounded)."""
+        self.flush_times()
         if self.async_mirror is not None:
             try:
                 self.async_mirror.flush(max(10.0, self.svc.ack_timeout_s))
@@ -488,6 +490,12 @@ class DirPrimary:
         link = self.link
         if link is not None:
             link.wait_idle(min(5.0, self.svc.ack_timeout_s))
+
+    def times_settling(self, path: bytes) -> bool:
+        """Whether ``path``'s times are still on their way to the peer (ordering lock held):
+        a namespace op touched it since the last times flush, or a handle writing it is open
+        (its times go with its Release)."""
+        return path in self.dirty_times or any(p == path for p in self.fh_paths.values())
 
 
 def _request(op: ops.Op) -> Callable[[int], Event]:

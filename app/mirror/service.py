@@ -91,7 +91,14 @@ from app.mirror.protocol import (
 )
 from app.mirror.quarantine import make_quarantine
 from app.mirror.receiver import Receiver
-from app.mirror.verify import TokenBucket, Verifier, VerifyError, VerifyReport
+from app.mirror.verify import (
+    TIMES_OF_ALL,
+    TIMES_OF_FILES,
+    TokenBucket,
+    Verifier,
+    VerifyError,
+    VerifyReport,
+)
 
 MirrorState = Literal["off", "connected", "dropped", "degraded"]
 
@@ -562,6 +569,8 @@ class MirrorService:
                         timeout=max(10.0, self.ack_timeout_s),
                         bucket=bucket,
                         settle=d.settle,
+                        settling=d.times_settling,
+                        times_of=TIMES_OF_FILES if d.async_mirror is not None else TIMES_OF_ALL,
                         stopped=stop.is_set,
                         excluded=d.excluded,
                     )

@@ -24,7 +24,15 @@ How it works
 
     Differences (``Difference``; kinds): ``content`` (``ranges`` = differing byte ranges, block
     aligned), ``size``, ``missing_on_peer``, ``extra_on_peer``, ``mode`` (permission bits, or
-    a different file type), ``owner``, ``symlink`` (target), ``xattr``.
+    a different file type), ``owner``, ``symlink`` (target), ``xattr``, ``times`` (mtime, of
+    the file types in ``times_of``: every type on a FUSE primary, regular files only in the
+    async mode, which does not replicate directory and symlink times).
+
+    Times in flight: a file open for writing gets its times on the peer when it is released,
+    a directory or symlink a namespace op touched gets them from the primary's next times
+    flush (primary.TIMES_PERIOD_S). ``settle()`` flushes those times before a re-check, and
+    ``settling(path)`` (asked under the ordering lock, at the re-check's stream point) says a
+    path's times are still on their way: such a times difference is not one.
 
 Exceptions::
 
@@ -33,9 +41,8 @@ Exceptions::
                         running) or the peer refused a query; ChannelError when the link fails
 
 Known limits
-    - Times (atime, mtime) are not compared: directory times reach the peer up to
-      primary.TIMES_PERIOD_S after a change (primary.flush_times), so a check made meanwhile
-      would report a difference that is not one.
+    - atime is not compared (reads move it on the primary only); neither is ctime, which no
+      system call can set.
     - Hard links are compared as separate files (inode identity is not compared); holes are
       not compared (a hole and a block of zeros are the same content).
     - When sizes differ, only the blocks wholly inside the shorter file are compared for
@@ -83,9 +90,20 @@ from app.mirror.resync_session import later_pages
 
 MAX_DIFFERENCES: Final = 10_000
 MAX_ENTRIES: Final = 100_000_000  # bound of the walk (entries visited)
+_COMPARED: Final = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK)
+TIMES_OF_ALL: Final = frozenset(_COMPARED)  # a FUSE primary replicates every type's times
+TIMES_OF_FILES: Final = frozenset((stat.S_IFREG,))  # the async mode: regular files only
 
 Kind = Literal[
-    "content", "size", "missing_on_peer", "extra_on_peer", "mode", "owner", "symlink", "xattr"
+    "content",
+    "size",
+    "missing_on_peer",
+    "extra_on_peer",
+    "mode",
+    "owner",
+    "symlink",
+    "xattr",
+    "times",
 ]
 
 
@@ -125,8 +143,17 @@ def _type_name(mode: int) -> str:
     return names.get(stat.S_IFMT(mode), "special file")
 
 
-def compare_attrs(path: str, mine: Entry, theirs: Entry) -> list[Difference]:
-    """Type, mode, owner, symlink target, xattrs and size of two entries (not content)."""
+def _when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns // 1_000_000_000)) + (
+        f".{ns % 1_000_000_000:09d} UTC"
+    )
+
+
+def compare_attrs(
+    path: str, mine: Entry, theirs: Entry, times_of: frozenset[int] = frozenset()
+) -> list[Difference]:
+    """Type, mode, owner, symlink target, xattrs, size and (for the file types in
+    ``times_of``) mtime of two entries; not content."""
     if mine.kind != theirs.kind:
         return [
             Difference(
@@ -169,6 +196,14 @@ def compare_attrs(path: str, mine: Entry, theirs: Entry) -> list[Difference]:
         )
     if mine.kind == stat.S_IFREG and mine.size != theirs.size:
         out.append(Difference(path, "size", f"{mine.size} bytes here, {theirs.size} on the peer"))
+    if mine.kind in times_of and mine.mtime_ns != theirs.mtime_ns:
+        out.append(
+            Difference(
+                path,
+                "times",
+                f"modified {_when(mine.mtime_ns)} here, {_when(theirs.mtime_ns)} on the peer",
+            )
+        )
     return out
 
 
@@ -284,7 +319,9 @@ class Verifier:
     """Compares one replicated directory with the peer's (see the module docstring).
 
     ``label`` is prefixed to relative paths in the report (the directory's path);
-    ``settle()`` is called before a re-check; ``stopped()`` ends the walk early.
+    ``settle()`` is called before a re-check; ``settling(path)`` (ordering lock held) is True
+    while that path's times are still on their way to the peer; ``times_of`` the file types
+    whose mtime is compared (TIMES_OF_ALL by default); ``stopped()`` ends the walk early.
     """
 
     def __init__(
@@ -298,6 +335,8 @@ class Verifier:
         timeout: float,
         bucket: TokenBucket,
         settle: Callable[[], None] = lambda: None,
+        settling: Callable[[bytes], bool] = lambda path: False,
+        times_of: frozenset[int] | None = None,
         stopped: Callable[[], bool] = lambda: False,
         excluded: Callable[[bytes], bool] = lambda path: False,
     ) -> None:
@@ -307,6 +346,8 @@ class Verifier:
         self.timeout = timeout
         self.bucket = bucket
         self.settle = settle
+        self.settling = settling
+        self.times_of = TIMES_OF_ALL if times_of is None else times_of
         self.stopped = stopped
         self.excluded = excluded
 
@@ -353,7 +394,7 @@ class Verifier:
             ticket = self._query(QUERY_STAT, b"")
         theirs = decode_stat(self._reply(ticket, "stat of the root"))
         if mine is not None and theirs is not None:
-            for diff in compare_attrs(self._name(b""), mine, theirs):
+            for diff in compare_attrs(self._name(b""), mine, theirs, self.times_of):
                 self._confirm(b"", diff)
         stack = [b""]
         seen = 0
@@ -405,7 +446,7 @@ class Verifier:
                 if a.kind == stat.S_IFREG:
                     self._count_file(a.size)
                 continue
-            for diff in compare_attrs(self._name(child), a, b):
+            for diff in compare_attrs(self._name(child), a, b, self.times_of):
                 self._confirm(child, diff)
             if a.kind != b.kind:
                 continue
@@ -422,8 +463,9 @@ class Verifier:
         with self.order:
             mine = stat_path(self.root, path)
             ticket = self._query(QUERY_STAT, path)
+            in_flight = diff.kind == "times" and self.settling(path)
         theirs = decode_stat(self._reply(ticket, f"stat {diff.path}"))
-        if mine is not None and mine.kind not in _COMPARED:
+        if (mine is not None and mine.kind not in _COMPARED) or in_flight:
             return
         if diff.kind == "extra_on_peer":
             if mine is None and theirs is not None:
@@ -432,7 +474,7 @@ class Verifier:
             if mine is not None and theirs is None:
                 self.report.add(diff)
         elif mine is not None and theirs is not None:
-            for again in compare_attrs(diff.path, mine, theirs):
+            for again in compare_attrs(diff.path, mine, theirs, self.times_of):
                 if again.kind == diff.kind:
                     self.report.add(again)
 
@@ -488,9 +530,6 @@ class Verifier:
         return differing_blocks(lo, mine, theirs, limit)
 
 
-_COMPARED: Final = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK)
-
-
 def _only(side: str, e: Entry) -> str:
     what = _type_name(e.mode)
     size = f" of {e.size} bytes" if e.kind == stat.S_IFREG else ""
@@ -498,6 +537,8 @@ def _only(side: str, e: Entry) -> str:
 
 
 __all__ = [
+    "TIMES_OF_ALL",
+    "TIMES_OF_FILES",
     "ChannelError",
     "Difference",
     "TokenBucket",

@@ -66,6 +66,9 @@ def test_changes_behind_the_mirrors_back_are_reported(
 ) -> None:
     prim, _ = pair
     s, p = tmp_path / "s", tmp_path / "p"
+    # the sync hands the directories it touched to the live times flush: let it pass first, or
+    # it would put the primary's times back over the changes made below
+    wait_for(lambda: not any(d.dirty_times for d in prim._prim), what="the times flush")
     with open(s / "f2", "r+b") as f:  # one block changed on the secondary only
         f.seek(3 * BLOCK + 10)
         f.write(b"behind the back")
@@ -81,13 +84,18 @@ def test_changes_behind_the_mirrors_back_are_reported(
     found = {(d["path"], d["kind"]): d for d in status["differences"]}
     assert set(found) == {
         (f"{p}/f2", "content"),
+        (f"{p}/f2", "times"),  # written on the secondary: its mtime moved there
         (f"{p}/f4", "missing_on_peer"),
+        (f"{p}/", "times"),  # an entry removed and a symlink replaced in the root
+        (f"{p}/sub", "times"),  # an entry added
         (f"{p}/sub/extra", "extra_on_peer"),
-        (f"{p}/sub/small", "mode"),
+        (f"{p}/sub/small", "mode"),  # chmod moves ctime only, not mtime: no times difference
         (f"{p}/link", "symlink"),
+        (f"{p}/link", "times"),  # a new symlink, made later
     }, status["differences"]
     assert found[(f"{p}/f2", "content")]["ranges"] == [[3 * BLOCK, BLOCK]]
     assert "644" in found[(f"{p}/sub/small", "mode")]["detail"]
+    assert "UTC here" in found[(f"{p}/f2", "times")]["detail"]
 
 
 def test_live_writes_during_a_verify_are_not_differences(
@@ -121,6 +129,31 @@ def test_live_writes_during_a_verify_are_not_differences(
         thread.join(30)
     assert not errors
     assert status["differences"] == []
+
+
+def test_a_file_open_for_writing_has_its_times_in_flight_until_it_is_released(
+    tmp_path: Path, pair: tuple[MirrorService, MirrorService]
+) -> None:
+    prim, _ = pair
+    p, s = tmp_path / "p", tmp_path / "s"
+    wait_for(lambda: not any(d.dirty_times for d in prim._prim), what="the times flush")
+    with open(p / "f3", "r+b") as f:
+        f.write(b"written while open")
+        f.flush()
+        # Each side moves an open file's mtime to its own clock as it applies a write (here
+        # both often land in the same coarse clock tick, so the peer's is set apart by hand):
+        # the primary's times reach the peer with the handle's release, not before.
+        os.utime(s / "f3", ns=(10**18, 10**18))
+        assert verify(prim)["differences"] == []
+    wait_for(
+        lambda: os.stat(s / "f3").st_mtime_ns == os.stat(p / "f3").st_mtime_ns,
+        what="the times sent with the release",
+    )
+    assert verify(prim)["differences"] == []
+    # once released, the same change behind the mirror's back is a difference
+    os.utime(s / "f3", ns=(10**18, 10**18))
+    found = [(d["path"], d["kind"]) for d in verify(prim)["differences"]]
+    assert found == [(f"{p}/f3", "times")]
 
 
 def test_verify_is_refused_on_the_secondary(pair: tuple[MirrorService, MirrorService]) -> None:
