@@ -57,6 +57,14 @@ What the reintegrator may rely on (when ``trusted``)
 - Paths in ``metadata_paths()`` need their attributes (mode, owner, times, xattrs) re-sent.
 When ``trusted`` is False, nothing above holds: compare everything by block checksums.
 
+Covered paths record nothing: an op whose every path is a namespace path or lies below one
+(a file created, or written, or chmod'ed in a directory made since the base generation; a
+file renamed within such a directory) adds no record, since the reintegrator reconciles that
+namespace path in full anyway. So a tree built in a new directory (an extracted tarball, a
+clone, a new database) costs one durable record for the directory, not one per entry. The
+wait for durability is unchanged: ``mark`` still returns only once every record queued
+before it (the covering one included) is on disk.
+
 Limits and memory bounds
 ------------------------
 - Memory: about 60 bytes per dirty region (a Python int in a set) plus the path, for at most
@@ -365,7 +373,8 @@ class DirtyJournal:
             self._commit_locked([js.Invalid(reason)])
 
     def clear_file(self, path: bytes) -> None:
-        """Reintegration finished ``path``: drop its data, metadata and namespace entries."""
+        """Reintegration finished ``path``: drop its data, metadata and namespace entries, and
+        those of everything below it (which a namespace ``path`` covered unrecorded)."""
         with self._cond:
             self._check_usable()
             self._commit_locked([js.Clear(path)])
@@ -543,7 +552,35 @@ class DirtyJournal:
             recs = [js.Invalid(f"an operation named handle {exc.fh}, whose file is unknown")]
         if not self._state.trusted:
             return []
+        if recs and self._state.namespace:
+            recs = [rec for rec in recs if not self._redundant(rec)]
         return recs
+
+    def _covered(self, path: bytes) -> bool:
+        """Whether ``path`` is a namespace path or below one: the resync reconciles it in full
+        (existence, type, attributes and content), so it needs no record of its own."""
+        ns = self._state.namespace
+        p = path
+        for _ in range(path.count(b"/") + 2):
+            if p in ns:
+                return True
+            if not p:
+                return False
+            cut = p.rfind(b"/")
+            p = p[:cut] if cut > 0 else b""
+        return False
+
+    def _redundant(self, rec: js.Record) -> bool:
+        """A record whose every path is covered (``_covered``) adds nothing to the plan."""
+        match rec:
+            case js.New(path) | js.Gone(path) | js.Meta(path) | js.Mark(path=path):
+                return self._covered(path)
+            case js.Tail(path=path) | js.Fine(path=path):
+                return self._covered(path)
+            case js.Rename(old=old, new=new):
+                return self._covered(old) and self._covered(new)
+            case _:
+                return False
 
     def _translate(self, op: ops.Op, rs: int) -> list[js.Record]:
         st = self._state

@@ -595,9 +595,8 @@ class State:
             case Origin(path, origin):
                 self.origins[path] = origin
             case Clear(path):
-                self.files.pop(path, None)
-                self.metadata.discard(path)
-                self.namespace.discard(path)
+                # what a namespace path covered went unrecorded (journal.py): it goes too
+                self._drop_under(path)
                 self.origins.pop(path, None)
                 if self.origin(path) != path:
                     self.origins[path] = path
