@@ -22,7 +22,12 @@ How it works
     - ``sync4k``: a preallocated file overwritten 4 KiB at a time, each write followed by
       fdatasync (ops/s; p50 and p99 latency of write + fdatasync, nearest rank);
     - ``meta``: create (O_EXCL, close), rename, unlink of one empty file per round (ops/s,
-      three operations per round);
+      three operations per round), in a directory the bench made in each target before the
+      pair formed (so the peer has it: every op records its path in the primary's journal,
+      durably, before it is applied);
+    - ``metanew``: the same in a directory the run makes (and removes): a directory created
+      since the last sync point covers what happens below it in the journal, so its entries
+      need no durable record of their own (app/mirror/journal.py);
     - ``pgbench``: PostgreSQL 15 (Debian's /usr/lib/postgresql/15/bin) with its data directory
       on the target, run as user postgres, unix socket only (listen_addresses = ''), socket in
       a directory outside the targets; ``pgbench -i -s 5`` then ``pgbench -T 20 -c 4 -j 2``
@@ -125,9 +130,7 @@ def sync4k(d, n):
     return {"ops": n, "seconds": t1 - t0, "ops_s": n / (t1 - t0),
             "p50_ms": rank(50) * 1000, "p99_ms": rank(99) * 1000}
 
-def meta(d, n):
-    sub = os.path.join(d, "meta")
-    os.makedirs(sub, exist_ok=True)
+def meta_in(sub, n):
     t0 = time.perf_counter()
     for i in range(n):
         a, b = os.path.join(sub, f"a{i}"), os.path.join(sub, f"b{i}")
@@ -135,11 +138,20 @@ def meta(d, n):
         os.rename(a, b)
         os.unlink(b)
     t1 = time.perf_counter()
-    os.rmdir(sub)
     return {"ops": 3 * n, "seconds": t1 - t0, "ops_s": 3 * n / (t1 - t0)}
 
+def meta(d, n):  # in META_DIR, which the bench made before the pair formed
+    return meta_in(os.path.join(d, "meta"), n)
+
+def metanew(d, n):  # in a directory made by this run (after the last sync point)
+    sub = os.path.join(d, f"meta-new-{os.getpid()}")
+    os.mkdir(sub)
+    out = meta_in(sub, n)
+    os.rmdir(sub)
+    return out
+
 kind, d, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-print(json.dumps({"seq": seq, "sync4k": sync4k, "meta": meta}[kind](d, n)))
+print(json.dumps({"seq": seq, "sync4k": sync4k, "meta": meta, "metanew": metanew}[kind](d, n)))
 '''
 
 
@@ -180,7 +192,8 @@ class Targets:
         return proc.stdout
 
 
-KEY_OF = {"seq": "mb_s", "sync4k": "ops_s", "meta": "ops_s"}
+KEY_OF = {"seq": "mb_s", "sync4k": "ops_s", "meta": "ops_s", "metanew": "ops_s"}
+META_DIR = "meta"  # made in each target before the pair forms: a directory the peer has
 
 
 def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
@@ -413,6 +426,8 @@ def measure(args: argparse.Namespace, result: dict[str, Any], say: Callable[[str
             f"lab {args.prefix} up; local {local_dir}, fuse (no peer) {fuse_dir}, "
             f"replicated {DATA_DIR}"
         )
+        for d in (local_dir, fuse_dir, lab.host_path("node1", DATA_DIR)):
+            (d / META_DIR).mkdir(parents=True, exist_ok=True)
         mount = MirrorMount(fuse_dir, LocalOnly())
         mount.start()
         mount.wait_ready(10.0)
@@ -422,7 +437,7 @@ def measure(args: argparse.Namespace, result: dict[str, Any], say: Callable[[str
         t = Targets(lab, cluster, fuse_dir, local_dir)
 
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-            kind: {target: [] for target in TARGETS} for kind in ("seq", "sync4k", "meta")
+            kind: {target: [] for target in TARGETS} for kind in KEY_OF
         }
         for n in range(1, args.rounds + 1):
             for target in TARGETS:
@@ -436,10 +451,11 @@ def measure(args: argparse.Namespace, result: dict[str, Any], say: Callable[[str
                     f"  [{n}] 4 KiB+fdatasync {target}: {r['ops_s']:.0f} ops/s, "
                     f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms"
                 )
-            for target in TARGETS:
-                r = workload(t, script, target, "meta", args.meta_rounds)
-                runs["meta"][target].append(r)
-                say(f"  [{n}] metadata {target}: {r['ops_s']:.0f} ops/s")
+            for kind, where in (("meta", "an existing"), ("metanew", "a new")):
+                for target in TARGETS:
+                    r = workload(t, script, target, kind, args.meta_rounds)
+                    runs[kind][target].append(r)
+                    say(f"  [{n}] metadata in {where} directory {target}: {r['ops_s']:.0f} ops/s")
         result["runs"] = {
             kind: {target: [r[KEY_OF[kind]] for r in rs] for target, rs in per.items()}
             for kind, per in runs.items()
@@ -447,6 +463,7 @@ def measure(args: argparse.Namespace, result: dict[str, Any], say: Callable[[str
         seq = {target: median_run(rs, "mb_s") for target, rs in runs["seq"].items()}
         sync = {target: median_run(rs, "ops_s") for target, rs in runs["sync4k"].items()}
         meta = {target: median_run(rs, "ops_s") for target, rs in runs["meta"].items()}
+        metanew = {target: median_run(rs, "ops_s") for target, rs in runs["metanew"].items()}
         pg: dict[str, Any] | None = None
         if not args.skip_pgbench:
             pg = {}
@@ -469,7 +486,7 @@ def measure(args: argparse.Namespace, result: dict[str, Any], say: Callable[[str
                 lab.down()
         else:
             lab.down()
-    figures(result, seq, sync, meta, pg)
+    figures(result, seq, sync, meta, metanew, pg)
 
 
 def figures(
@@ -477,6 +494,7 @@ def figures(
     seq: dict[str, Any],
     sync: dict[str, Any],
     meta: dict[str, Any],
+    metanew: dict[str, Any],
     pg: dict[str, Any] | None,
 ) -> None:
     def rnd(v: float, n: int = 2) -> float:
@@ -492,6 +510,7 @@ def figures(
         for k, v in sync.items()
     }
     result["meta_ops_s"] = {k: rnd(v["ops_s"], 1) for k, v in meta.items()}
+    result["meta_new_dir_ops_s"] = {k: rnd(v["ops_s"], 1) for k, v in metanew.items()}
     result["pgbench_tps"] = {k: rnd(v["tps"]) for k, v in pg.items()} if pg else None
     result["pgbench"] = pg
     ratios: dict[str, dict[str, float | None]] = {}
@@ -500,6 +519,7 @@ def figures(
         ("sync4k_ops", {k: v["ops_s"] for k, v in result["sync4k"].items()}),
         ("sync4k_p99", {k: v["p99_ms"] for k, v in result["sync4k"].items()}),
         ("meta", result["meta_ops_s"]),
+        ("meta_new_dir", result["meta_new_dir_ops_s"]),
     ]
     if result["pgbench_tps"]:
         pairs.append(("pgbench", result["pgbench_tps"]))
@@ -552,6 +572,7 @@ def report(result: dict[str, Any], say: Callable[[str], None]) -> None:
     say(f"{'  p50 latency ms':<34}" + "".join(f"{sync[t]['p50_ms']:>12.3f}" for t in TARGETS))
     row("  p99 latency ms", {k: v["p99_ms"] for k, v in sync.items()}, "sync4k_p99", ".3f")
     row(f"create/rename/unlink ops/s ({s['meta_rounds']}x3)", result["meta_ops_s"], "meta", ".0f")
+    row("  the same in a new directory", result["meta_new_dir_ops_s"], "meta_new_dir", ".0f")
     if result["pgbench_tps"]:
         pgs = s["pgbench"]
         row(
@@ -564,7 +585,12 @@ def report(result: dict[str, Any], say: Callable[[str], None]) -> None:
     rounds = s.get("rounds", 1)
     if rounds > 1:
         say(f"medians of {rounds} rounds (each round: local, fuse, replicated); range min..max:")
-        for kind, unit in (("seq", "MB/s"), ("sync4k", "ops/s"), ("meta", "ops/s")):
+        for kind, unit in (
+            ("seq", "MB/s"),
+            ("sync4k", "ops/s"),
+            ("meta", "ops/s"),
+            ("metanew", "ops/s"),
+        ):
             spread = result["runs"][kind]
             say(
                 f"  {kind:<7}"

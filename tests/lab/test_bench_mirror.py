@@ -103,12 +103,17 @@ def test_replication_quick_prints_every_figure_as_json_and_cleans_up() -> None:
             _positive(result["sync4k"][target][key], f"sync4k {key} {target}")
         assert result["sync4k"][target]["p99_ms"] >= result["sync4k"][target]["p50_ms"]
         _positive(result["meta_ops_s"][target], f"meta {target}")
+        _positive(result["meta_new_dir_ops_s"][target], f"meta in a new directory {target}")
         _positive(result["pgbench_tps"][target], f"pgbench {target}")
-    for name in ("seq", "sync4k_ops", "sync4k_p99", "meta", "pgbench"):
+    for name in ("seq", "sync4k_ops", "sync4k_p99", "meta", "meta_new_dir", "pgbench"):
         for pair in ("fuse_local", "replicated_local"):
             _positive(result["ratios"][name][pair], f"ratio {name} {pair}")
     assert result["sizes"]["rounds"] == 1  # --quick: one round; the medians are that run
-    for kind, key in (("seq", "seq_mb_s"), ("meta", "meta_ops_s")):
+    for kind, key in (
+        ("seq", "seq_mb_s"),
+        ("meta", "meta_ops_s"),
+        ("metanew", "meta_new_dir_ops_s"),
+    ):
         for target in TARGETS:
             (only,) = result["runs"][kind][target]
             assert round(only, 1) == pytest.approx(result[key][target], abs=0.1)
@@ -126,7 +131,14 @@ def test_replication_quick_prints_every_figure_as_json_and_cleans_up() -> None:
     assert mirror["mirror_state"] == "connected", mirror
     _positive(mirror["acks"], "acks")
     assert mirror["drops"] == 0, mirror
-    for label in ("sequential", "fdatasync", "create/rename/unlink", "pgbench", "goals"):
+    for label in (
+        "sequential",
+        "fdatasync",
+        "create/rename/unlink",
+        "a new directory",
+        "pgbench",
+        "goals",
+    ):
         assert label in table, table
 
 
