@@ -80,7 +80,8 @@ Limits and memory bounds
   reintegrator must compare multiply-linked files (st_nlink > 1) in full.
 - Writes to a file unlinked while open are not recorded (no name can reach them).
 - Open handles are not persisted (they die with the process).
-- ``bytes_dirty()`` is an estimate: a tail counts up to the highest region marked in it.
+- ``bytes_dirty()`` is an estimate: a tail counts up to the highest region marked in it, and
+  what lies at or below a namespace path (new files, new trees) is not counted at all.
 
 Exceptions::
 
