@@ -130,10 +130,10 @@ def sync4k(d, n):
     return {"ops": n, "seconds": t1 - t0, "ops_s": n / (t1 - t0),
             "p50_ms": rank(50) * 1000, "p99_ms": rank(99) * 1000}
 
-def meta_in(sub, n):
+def meta_in(sub, n):  # names of this run only: no path an earlier round recorded
     t0 = time.perf_counter()
     for i in range(n):
-        a, b = os.path.join(sub, f"a{i}"), os.path.join(sub, f"b{i}")
+        a, b = os.path.join(sub, f"a{os.getpid()}-{i}"), os.path.join(sub, f"b{os.getpid()}-{i}")
         os.close(os.open(a, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         os.rename(a, b)
         os.unlink(b)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
@@ -383,8 +384,17 @@ def renamed(path: bytes, old: bytes, new: bytes, exchange: bool) -> bytes | None
     return path
 
 
+def _hits(keys: Iterable[bytes], old: bytes, new: bytes) -> list[bytes]:
+    """The keys at or below ``old`` or ``new`` (``_under``, inlined: a rename scans every
+    tracked path, so this loop is the cost of a rename in a journal that tracks many)."""
+    if not old or not new:
+        return [k for k in keys if _under(k, old) or _under(k, new)]
+    below = (old + b"/", new + b"/")
+    return [k for k in keys if k in (old, new) or k.startswith(below)]
+
+
 def _rekey_dict(d: dict[bytes, V], old: bytes, new: bytes, exchange: bool) -> None:
-    hit = [k for k in d if _under(k, old) or _under(k, new)]
+    hit = _hits(d, old, new)
     values = {k: d.pop(k) for k in hit}
     for k in hit:
         k2 = renamed(k, old, new, exchange)
@@ -393,7 +403,7 @@ def _rekey_dict(d: dict[bytes, V], old: bytes, new: bytes, exchange: bool) -> No
 
 
 def _rekey_set(s: set[bytes], old: bytes, new: bytes, exchange: bool) -> None:
-    hit = [k for k in s if _under(k, old) or _under(k, new)]
+    hit = _hits(s, old, new)
     s.difference_update(hit)
     for k in hit:
         k2 = renamed(k, old, new, exchange)
