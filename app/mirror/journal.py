@@ -557,29 +557,21 @@ class DirtyJournal:
             recs = [rec for rec in recs if not self._redundant(rec)]
         return recs
 
-    def _covered(self, path: bytes) -> bool:
-        """Whether ``path`` is a namespace path or below one: the resync reconciles it in full
-        (existence, type, attributes and content), so it needs no record of its own."""
-        ns = self._state.namespace
-        p = path
-        for _ in range(path.count(b"/") + 2):
-            if p in ns:
-                return True
-            if not p:
-                return False
-            cut = p.rfind(b"/")
-            p = p[:cut] if cut > 0 else b""
-        return False
-
     def _redundant(self, rec: js.Record) -> bool:
-        """A record whose every path is covered (``_covered``) adds nothing to the plan."""
+        """A record whose every path is covered (``State.covered``) adds nothing to the plan."""
+        covered = self._state.covered
         match rec:
-            case js.New(path) | js.Gone(path) | js.Meta(path) | js.Mark(path=path):
-                return self._covered(path)
-            case js.Tail(path=path) | js.Fine(path=path):
-                return self._covered(path)
+            case (
+                js.New(path)
+                | js.Gone(path)
+                | js.Meta(path)
+                | js.Mark(path=path)
+                | js.Tail(path=path)
+                | js.Fine(path=path)
+            ):
+                return covered(path)
             case js.Rename(old=old, new=new):
-                return self._covered(old) and self._covered(new)
+                return covered(old) and covered(new)
             case _:
                 return False
 

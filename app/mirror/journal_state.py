@@ -545,6 +545,18 @@ class State:
                 return path
             p = _parent(p)
 
+    def covered(self, path: bytes) -> bool:
+        """Whether ``path`` is a namespace path or lies below one: the resync reconciles it in
+        full (existence, type, attributes and content), so it needs no record of its own."""
+        p = path
+        for _ in range(path.count(b"/") + 2):
+            if p in self.namespace:
+                return True
+            if not p:
+                return False
+            p = _parent(p)
+        return False
+
     def _drop_under(self, top: bytes) -> None:
         for k in [k for k in self.files if _under(k, top)]:
             del self.files[k]
