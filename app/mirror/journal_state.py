@@ -22,7 +22,9 @@ Exceptions
     place where the valid records stop.
 
 Known limits
-    Renames and ``Gone`` scan every tracked path (O(paths)).
+    A rename, ``Gone`` or ``Clear`` costs O(depth + the tracked paths it moves or drops), not
+    O(tracked paths): the tracked paths are ``PathSet``s and ``PathDict``s (journal_index.py),
+    which index them by directory. Their children maps cost memory (see there).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from __future__ import annotations
 import bisect
 import struct
 import zlib
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
+
+from app.mirror.journal_index import PathDict, PathSet, parent, renamed, under_either
 
 #: Length of a range that runs to the end of the file (clip every range to the file's length).
 TO_EOF: Final = 1 << 62
@@ -367,44 +370,21 @@ def parse(data: bytes) -> Parsed:
 # --- the state --------------------------------------------------------------------------
 
 
-def _under(path: bytes, top: bytes) -> bool:
-    return not top or path == top or path.startswith(top + b"/")
-
-
-def _parent(path: bytes) -> bytes:
-    return path.rpartition(b"/")[0]
-
-
-def renamed(path: bytes, old: bytes, new: bytes, exchange: bool) -> bytes | None:
-    """Where ``path`` is after renaming ``old`` to ``new`` (None: it was replaced)."""
-    if _under(path, old):
-        return new + path[len(old) :]
-    if _under(path, new):
-        return old + path[len(new) :] if exchange else None
-    return path
-
-
-def _hits(keys: Iterable[bytes], old: bytes, new: bytes) -> list[bytes]:
-    """The keys at or below ``old`` or ``new`` (``_under``, inlined: a rename scans every
-    tracked path, so this loop is the cost of a rename in a journal that tracks many)."""
-    if not old or not new:
-        return [k for k in keys if _under(k, old) or _under(k, new)]
-    below = (old + b"/", new + b"/")
-    return [k for k in keys if k in (old, new) or k.startswith(below)]
-
-
-def _rekey_dict(d: dict[bytes, V], old: bytes, new: bytes, exchange: bool) -> None:
-    hit = _hits(d, old, new)
-    values = {k: d.pop(k) for k in hit}
-    for k in hit:
+def _rekey_dict(d: PathDict[V], old: bytes, new: bytes, exchange: bool) -> None:
+    """Move the keys at or below ``old`` (and ``new``) of ``d`` where the rename puts them
+    (O(depth + keys moved): ``under_either`` walks ``d``'s index, it does not scan ``d``)."""
+    hit = under_either(d, old, new)
+    values = [d.pop(k) for k in hit]
+    for k, value in zip(hit, values, strict=True):
         k2 = renamed(k, old, new, exchange)
         if k2 is not None:
-            d[k2] = values[k]
+            d[k2] = value
 
 
-def _rekey_set(s: set[bytes], old: bytes, new: bytes, exchange: bool) -> None:
-    hit = _hits(s, old, new)
-    s.difference_update(hit)
+def _rekey_set(s: PathSet, old: bytes, new: bytes, exchange: bool) -> None:
+    hit = under_either(s, old, new)
+    for k in hit:
+        s.discard(k)
     for k in hit:
         k2 = renamed(k, old, new, exchange)
         if k2 is not None:
@@ -466,10 +446,11 @@ class State:
         self.max_spans = max(2, max_spans)
         self.trusted = True
         self.reason = ""
-        self.files: dict[bytes, FileState] = {}
-        self.namespace: set[bytes] = set()
-        self.metadata: set[bytes] = set()
-        self.origins: dict[bytes, bytes | None] = {}
+        # The tracked paths, indexed by directory (a rename finds its subtree without a scan).
+        self.files: PathDict[FileState] = PathDict()
+        self.namespace = PathSet()
+        self.metadata = PathSet()
+        self.origins: PathDict[bytes | None] = PathDict()
 
     @property
     def fine_size(self) -> int:
@@ -537,13 +518,14 @@ class State:
 
     def origin(self, path: bytes) -> bytes | None:
         p = path
-        while True:
+        for _ in range(path.count(b"/") + 2):  # one parent per slash, then the root
             if p in self.origins:
                 o = self.origins[p]
                 return None if o is None else o + path[len(p) :]
             if not p:
                 return path
-            p = _parent(p)
+            p = parent(p)
+        return path
 
     def covered(self, path: bytes) -> bool:
         """Whether ``path`` is a namespace path or lies below one: the resync reconciles it in
@@ -554,16 +536,19 @@ class State:
                 return True
             if not p:
                 return False
-            p = _parent(p)
+            p = parent(p)
         return False
 
     def _drop_under(self, top: bytes) -> None:
-        for k in [k for k in self.files if _under(k, top)]:
+        """Forget the paths at or below ``top`` (O(depth + their number))."""
+        for k in self.files.under(top):
             del self.files[k]
-        for k in [k for k in self.origins if _under(k, top)]:
+        for k in self.origins.under(top):
             del self.origins[k]
-        self.metadata.difference_update([k for k in self.metadata if _under(k, top)])
-        self.namespace.difference_update([k for k in self.namespace if _under(k, top)])
+        for k in self.metadata.under(top):
+            self.metadata.discard(k)
+        for k in self.namespace.under(top):
+            self.namespace.discard(k)
 
     def apply(self, rec: Record) -> None:
         if not self.trusted:
@@ -609,7 +594,8 @@ class State:
                 self.origins[new] = o_old
                 if exchange:
                     self.origins[old] = o_new
-                self.namespace.update((old, new))
+                self.namespace.add(old)
+                self.namespace.add(new)
             case Meta(path):
                 self.metadata.add(path)
             case Ns(path):
@@ -624,7 +610,8 @@ class State:
                     self.origins[path] = path
             case Invalid(reason):
                 self.trusted, self.reason = False, reason
-                self.files, self.namespace, self.metadata, self.origins = {}, set(), set(), {}
+                self.files, self.origins = PathDict(), PathDict()
+                self.namespace, self.metadata = PathSet(), PathSet()
 
     def records(self) -> list[Record]:
         """Records that rebuild this state from an empty one (the snapshot's content)."""
