@@ -31,6 +31,7 @@ from app.mirror.ops import (
     Write,
     WriteV,
 )
+from tests.unit.test_journal_index import assert_handles_agree, assert_index_agrees
 
 RS = 16  # region size of most tests: small numbers keep the expectations readable
 
@@ -822,10 +823,20 @@ def test_random_operations_agree_with_the_model(ops_list: list[tuple[object, ...
             j = _step(j, m, op, d)
             assert j.trusted, j.reason
             _assert_covers(j, m)
+            _assert_indexes(j, m)
         j.close()
         again = jm.load(d)
         _assert_covers(again, m)
         again.close()
+
+
+def _assert_indexes(j: DirtyJournal, m: Model) -> None:
+    """The journal's path indexes (journal_index.py) agree with the paths they index: the
+    tracked paths, and the open handles (the model's, by path). A stale index fails here."""
+    st = j._state  # the indexes are internal: read them where they are
+    for c in (st.files, st.origins, st.metadata, st.namespace):
+        assert_index_agrees(c, PATHS)
+    assert_handles_agree(j._handles, m.handles)
 
 
 def _covered(p: bytes, tops: set[bytes]) -> bool:
