@@ -126,6 +126,10 @@ class Receiver:
         """The primary's handle numbers currently bound."""
         return frozenset(self._handles)
 
+    def fd_of(self, fh: int) -> int | None:
+        """The descriptor bound to the primary's handle ``fh`` (None: not bound)."""
+        return self._handles.get(fh)
+
     def release_all(self) -> None:
         """Close every bound handle (the connection that opened them is gone)."""
         handles, self._handles = self._handles, {}

@@ -13,6 +13,7 @@ How it works
         resync_fs       reads of the local tree (entries, listings, extents, block sums)
         resync_source   ``Reintegrator``: the source executes the plan, then redo passes
         resync_target   ``Responder``: the target's answers, writeback and syncfs
+        resync_direct   ``DirectWriter``: the target's resync pages, O_DIRECT via native AIO
         resync_session  ``Outlet``, ``RedoSet``, ``Progress`` (session times), ``Throttle``
     This module re-exports their public names (and ``ops``), so ``resync.NAME`` works.
 

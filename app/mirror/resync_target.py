@@ -7,16 +7,27 @@ How it works
     carries. Queries are answered from the tree (resync_fs); ops go to the Receiver, which
     applies them under its root with its usual safety.
 
-    Durability on the target: ResyncDone is answered only after ``syncfs`` of the replicated
-    directory's filesystem, so a target that says "done" holds the data on disk. Meanwhile a
-    writeback thread starts the disk writes of each resync file (sync_file_range WRITE, every
-    WRITEBACK_BYTES and at Release), so the final syncfs finds little left. A crash before
-    the answer leaves the target not done, so it is not counted as in sync; the next session
-    runs its plan again (ranges already applied are sent again, not resumed).
+    Resync data: the page-aligned parts of a resync ``WriteV`` (the ranges of an incremental
+    session) go to the ``DirectWriter`` (resync_direct.py: O_DIRECT through native AIO, many
+    pages per system call, completed while the next frames arrive) and the WriteV is answered
+    once they are queued; the other parts are applied by the Receiver as before. Before any
+    other event the Responder waits for the pages it depends on (``_settle``): those of the
+    one file the op or query reads or changes (by handle, or by its path's st_dev/st_ino), or
+    all of them (anything else); ops that only create inodes or change names do not wait.
+    So every op sees the state the stream order says, pages included.
 
-Exceptions: an OSError or ApplyError while answering a query or ResyncDone becomes the
-ResyncReply's status; a Request before BEGIN is answered with a Nack (EAGAIN). The
-constructor raises OSError when the root cannot be opened.
+    Durability on the target: ResyncDone is answered only after every direct page is written
+    and ``syncfs`` of the replicated directory's filesystem, so a target that says "done"
+    holds the data on disk; a page that could not be written fails ResyncDone (the session
+    runs again). Meanwhile a writeback thread starts the disk writes of what went through the
+    page cache (sync_file_range WRITE, every WRITEBACK_BYTES and at Release), so the final
+    syncfs finds little left. A crash before the answer leaves the target not done, so it is
+    not counted as in sync; the next session runs its plan again (ranges already applied are
+    sent again, not resumed).
+
+Exceptions: an OSError or ApplyError while answering a query or ResyncDone, and a direct page
+that could not be written, become the ResyncReply's status; a Request before BEGIN is answered
+with a Nack (EAGAIN). The constructor raises OSError when the root cannot be opened.
 
 Limits
     - The listing and block sums for one query are held in memory (at most LIST_PAGE
@@ -38,7 +49,16 @@ from typing import Final
 
 from app.mirror import ops
 from app.mirror.errors import ApplyError
-from app.mirror.protocol import Ack, Event, Nack, Request, ResyncDone, ResyncQuery, ResyncReply
+from app.mirror.protocol import (
+    Ack,
+    Event,
+    Nack,
+    Request,
+    ResyncDone,
+    ResyncQuery,
+    ResyncReply,
+    path_problem,
+)
 from app.mirror.receiver import Receiver
 from app.mirror.resync_codec import (
     LIST_PAGE,
@@ -53,7 +73,23 @@ from app.mirror.resync_codec import (
     encode_stat,
     encode_sums,
 )
+from app.mirror.resync_direct import DirectWriter, Key
 from app.mirror.resync_fs import block_sums, list_dir, open_file, stat_path
+
+# ops that touch no existing file's data or attributes: a direct write pending for a file
+# lands in its inode whatever these do to its names (a new inode has nothing pending)
+_NO_DATA_OPS: Final = (
+    ops.Open,
+    ops.Create,
+    ops.Release,
+    ops.Mknod,
+    ops.Mkdir,
+    ops.Symlink,
+    ops.Link,
+    ops.Unlink,
+    ops.Rmdir,
+    ops.Rename,
+)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syncfs = _libc.syncfs
@@ -65,6 +101,10 @@ _sync_file_range.restype = ctypes.c_int
 SYNC_FILE_RANGE_WRITE: Final = 2
 WRITEBACK_BYTES: Final = 8 << 20  # a resync handle's bytes written before its writeback starts
 FLUSHER_IDLE_WAITS: Final = 5  # seconds without work after which the writeback thread ends
+
+
+def _key(st: os.stat_result) -> Key:
+    return (st.st_dev, st.st_ino)
 
 
 def syncfs(fd: int) -> None:
@@ -200,13 +240,16 @@ class Responder:
     quarantine). ``on_done()`` runs once the data is flushed, just before ResyncDone is answered.
     """
 
-    def __init__(self, root: str | bytes, receiver: Receiver) -> None:
+    def __init__(
+        self, root: str | bytes, receiver: Receiver, direct: DirectWriter | None = None
+    ) -> None:
         self._root = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.receiver = receiver
         self.armed: ActivityLog | None = None
         self.state = "none"
         self.on_done: Callable[[], None] | None = None
         self._writeback = _Writeback(self._root)
+        self._direct = direct or DirectWriter()
 
     def arm(self, log: ActivityLog) -> None:
         self.armed = log
@@ -214,19 +257,41 @@ class Responder:
             self.state = "none"
 
     def close(self) -> None:
+        self._direct.close()
         self._writeback.close()
         if self._root >= 0:
             os.close(self._root)
             self._root = -1
 
+    def release_all(self) -> None:
+        """The link is gone or replaced: finish the direct writes, close every handle."""
+        self._direct.reset()
+        self.receiver.release_all()
+
     def handle(self, event: Event) -> Event | None:
         if isinstance(event, Request):
             if self.state not in ("running", "done"):
                 return Nack(event.id, errno.EAGAIN, "no resync session yet")
+            op = event.op
+            if isinstance(op, ops.WriteV) and self.state == "running" and op.fh >= RESYNC_FH_BASE:
+                fd = self.receiver.fd_of(op.fh)
+                if fd is not None:
+                    left = self._direct.submit(fd, op.fh, op.parts)
+                    if not left:
+                        return Ack(event.id)
+                    event = Request(event.id, ops.WriteV(op.fh, tuple(left)))
+            else:
+                self._settle(event)
             reply = self.receiver.handle_request(event)
+            if isinstance(op, ops.Release):
+                self._direct.forget(op.fh)
             self._writeback.seen(event.op, isinstance(reply, Ack))
             return reply
+        self._settle(event)
         if isinstance(event, ResyncDone):
+            failed = self._direct.take_error()
+            if failed is not None:
+                return ResyncReply(event.id, failed.errno or errno.EIO, b"")
             try:
                 syncfs(self._root)
             except OSError as exc:
@@ -244,11 +309,42 @@ class Responder:
                 return ResyncReply(event.id, exc.errno, b"")
         return None
 
+    def _settle(self, event: Event) -> None:
+        """Wait for the direct writes ``event`` depends on: those of the one file it reads or
+        changes, or all of them (when that file cannot be told, and for anything else)."""
+        if not self._direct.busy:
+            return
+        key: Key | None = None
+        if isinstance(event, Request):
+            op = event.op
+            if isinstance(op, _NO_DATA_OPS):
+                return  # a new inode, or names only: pending writes go to the inode anyway
+            fh = getattr(op, "fh", -1)
+            if fh >= 0:
+                fd = self.receiver.fd_of(fh)
+                key = None if fd is None else _key(os.fstat(fd))
+            else:
+                key = self._path_key(getattr(op, "path", None))
+        elif isinstance(event, ResyncQuery) and event.kind in (QUERY_STAT, QUERY_SUMS):
+            key = self._path_key(event.path)
+        if key is None:
+            self._direct.barrier()
+        else:
+            self._direct.wait_file(key)
+
+    def _path_key(self, path: bytes | None) -> Key | None:
+        if path is None or path_problem(path) is not None:
+            return None
+        try:
+            return _key(os.stat(path or b".", dir_fd=self._root, follow_symlinks=False))
+        except OSError:
+            return None
+
     def _answer(self, q: ResyncQuery) -> bytes:
         if q.kind == QUERY_BEGIN:
             if self.armed is None:
                 raise ApplyError(errno.EAGAIN, "target not armed")
-            self.receiver.release_all()
+            self.release_all()
             self._writeback.reset()
             self.state = "running"
             return encode_log(self.armed)

@@ -323,7 +323,7 @@ class MirrorService:
                 d = self._sec[ev.offset]
                 with d.lock:
                     old, d.link = d.link, link
-                    d.receiver.release_all()
+                    d.responder.release_all()
                     d.responder.state = "none"
                     if d.behind is not None:
                         d.behind.expectations.forget_handles()
@@ -347,7 +347,7 @@ class MirrorService:
                         d.link = None
                         d.responder.state = "none"
                         d.responder.armed = None
-                        d.receiver.release_all()
+                        d.responder.release_all()
             self.last_error = f"replication link closed: {reason}"
 
         link = Link(sock, conn, handler=handler, on_close=on_close, log=self.log, name="recv")
