@@ -7,7 +7,10 @@ How it works
     it depends on (see resync.py on consistency with live writes).
 
     Executing a plan (resync_plan): deep paths are reconciled first, then the data files in
-    their ranges, then the metadata paths. Data files of an incremental plan are not
+    their ranges (their owners, modes, xattrs and times after all of their data: the target
+    writes resync pages in the background and makes an op on a file's attributes wait for
+    that file's pages, so sending them file by file would make it wait file by file), then
+    the metadata paths. Data files of an incremental plan are not
     compared: the logs say every difference is in their ranges, so the ranges' current
     bytes are sent (read under the ordering lock, up to RANGES_PER_HOLD small ranges or
     1 MiB per hold, with one fstat and one SEEK_DATA/SEEK_HOLE walk per hold; parts that are
@@ -131,6 +134,8 @@ class Reintegrator:
         # directories whose times this session moved on the target (its namespace ops, the
         # parents of the paths it reconciled): the live flush sends ours afterwards
         self.times_dirty: set[bytes] = set()
+        # files whose attributes wait for the end of the data phase (see run)
+        self._defer: list[tuple[bytes, Entry, Entry | None]] | None = None
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -199,7 +204,16 @@ class Reintegrator:
             )
         for path in plan.deep:
             self.reconcile(path, deep=True)
-        self._shallow([(path, list(ranges)) for path, ranges in plan.files])
+        # the files' data first, their owners, modes and times after all of it: the target
+        # writes data pages in the background, and an op on a file's attributes waits for them
+        self._defer = []
+        try:
+            self._shallow([(path, list(ranges)) for path, ranges in plan.files])
+        finally:
+            deferred, self._defer = self._defer, None
+        for path, local, remote in deferred:
+            self._check()
+            self._attrs(path, local, remote, times=True, force_times=True)
         self._shallow([(path, []) for path in plan.meta])
         self.redo_passes()
 
@@ -438,7 +452,10 @@ class Reintegrator:
                 self._send(ops.Release(fh), path)
         finally:
             os.close(fd)
-        self._attrs(path, local, remote, times=True, force_times=True)
+        if self._defer is not None:
+            self._defer.append((path, local, remote))
+        else:
+            self._attrs(path, local, remote, times=True, force_times=True)
 
     def _send_range(self, fd: int, fh: int, path: bytes, off: int, ln: int) -> None:
         """Make the target's bytes [off, off + ln) (clipped to our size) equal ours: holes are
