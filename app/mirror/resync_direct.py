@@ -44,8 +44,9 @@ Limits
     - A WriteV's Ack means "queued for writing": a write error fails ResyncDone, not that Ack
       (the source uses those Acks only to redo refused paths).
     - x86_64 and aarch64 only (the system call numbers), little-endian.
-    - One ring per replicated directory on the target, SLOTS x 4 KiB of address space while a
-      session runs (unmapped at ``reset``).
+    - One AIO context and ring per replicated directory on the target, made at the first
+      resync page: SLOTS x 4 KiB of address space, given back (MADV_DONTNEED) after each
+      session, unmapped at ``close``.
 """
 
 from __future__ import annotations
@@ -170,6 +171,10 @@ class Aio:
                 return []
             raise OSError(err, f"io_getevents: {os.strerror(err)}")
         return [(int(self._events[i].data), int(self._events[i].res)) for i in range(got)]
+
+    def release_pages(self) -> None:
+        """Give the ring's memory back to the system (its contents are not needed)."""
+        self.ring.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         _syscall(self._destroy, self.ctx)  # waits for what is in flight
@@ -388,16 +393,21 @@ class DirectWriter:
         return err
 
     def reset(self) -> None:
-        """Wait for what is in flight, close every descriptor, unmap the ring."""
+        """Wait for what is in flight, close every descriptor, give the ring's pages back
+        (the AIO context stays: ``io_destroy`` takes tens of ms, measured 34 ms here)."""
         for fh in list(self._files):
             self.forget(fh)
         self.barrier()
         if self._aio is not None and not self._inflight:
+            self._aio.release_pages()
+
+    def close(self) -> None:
+        """``reset``, then destroy the AIO context and unmap the ring."""
+        self.reset()
+        if self._aio is not None and not self._inflight:
             self._aio.close()
             self._aio = None
             self._free = []
-
-    close = reset
 
 
 def _sorted_disjoint(parts: tuple[Part, ...]) -> bool:

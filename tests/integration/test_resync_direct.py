@@ -71,6 +71,9 @@ class HeldAio:
             out.append((slot, PAGE if self.result is None else self.result))
         return out
 
+    def release_pages(self) -> None:
+        pass
+
     def close(self) -> None:
         self.view.release()
         self.ring.close()
@@ -244,3 +247,22 @@ def test_a_page_that_cannot_be_written_fails_resync_done(target: tuple[Path, Rec
         responder.close()
     assert done == protocol.ResyncReply(12, errno.EIO, b"")
     assert responder.state != "done"
+
+
+def test_the_writer_serves_a_second_session_after_a_reset(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    path.write_bytes(b"\0" * (2 * PAGE))
+    writer = DirectWriter()
+    try:
+        for fh, page, fill in ((RESYNC_FH_BASE, 0, b"1"), (RESYNC_FH_BASE + 1, PAGE, b"2")):
+            fd = os.open(path, os.O_RDWR)
+            try:
+                for off, data in writer.submit(fd, fh, ((page, fill * PAGE),)):
+                    os.pwrite(fd, data, off)
+                writer.reset()  # a session ends: the same writer serves the next one
+            finally:
+                os.close(fd)
+    finally:
+        writer.close()
+    assert writer.take_error() is None
+    assert path.read_bytes() == b"1" * PAGE + b"2" * PAGE
