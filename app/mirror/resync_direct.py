@@ -8,18 +8,23 @@ Why
     for the disk. Measured on the lab's machine for 2621 random pages in 16 files of 64 MiB:
     buffered ``pwrite`` 10 to 18 us of CPU each then 44 ms of ``sync``; O_DIRECT on 8 Python
     threads 44 to 58 ms (and slower inside the daemon: the threads fight for the GIL); one
-    ``io_submit`` per 55 pages, 24 to 27 ms in all, 10 to 24 ms of CPU, a syncfs after it
-    0.3 ms. The disk takes the whole queue at once instead of a few pages at a time.
+    ``io_submit`` per 55 pages, 24 to 27 ms in all, 10 to 24 ms of CPU (19 ms of it in
+    ``io_submit``), a syncfs after it 0.3 ms. The disk takes the whole queue at once instead of
+    a few pages at a time.
 
 How it works
     ``DirectWriter.submit(fd, fh, parts)`` takes the parts of one resync ``WriteV`` whose
     offset and length are multiples of PAGE, copies each page into a slot of a page-aligned
-    ring (SLOTS pages, mapped at first use) and queues them all with one ``io_submit`` on a
-    second descriptor of the file opened with O_DIRECT (``/proc/self/fd/<fd>`` reopened: the
-    inode the Receiver resolved safely). It returns the other parts, which the caller applies
-    as before (buffered). Completions are reaped without waiting at every submit, and with
-    waiting when the ring is full or the caller asks (``wait_file``, ``barrier``). Only the
-    caller's thread touches the writer: no worker threads. The kernel keeps the page cache
+    ring (SLOTS pages, mapped at first use) and hands them, as one batch, to the submitter
+    thread, which queues the batch with one ``io_submit`` on a second descriptor of the file
+    opened with O_DIRECT (``/proc/self/fd/<fd>`` reopened: the inode the Receiver resolved
+    safely). The kernel's part of a direct write is most of its cost; on its own thread (the
+    GIL is released around the call) it overlaps the decoding of the next frames. ``submit``
+    returns the other parts, which the caller applies as before (buffered). Completions are
+    reaped by the caller's thread, without waiting at every submit, and with waiting when the
+    ring is full or the caller asks (``wait_file``, ``barrier``); pages the submitter could
+    not queue come back to it the same way. Everything but the ``io_submit`` call (slots,
+    counts, descriptors) belongs to the caller's thread. The kernel keeps the page cache
     coherent (a direct write writes back and drops the cached pages of its range).
 
     Order: pages in flight complete in any order, so ``submit`` never queues a page that
@@ -56,7 +61,9 @@ import errno
 import mmap
 import os
 import platform
+import queue
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Final
@@ -64,6 +71,8 @@ from typing import Final
 PAGE: Final = 4096  # offsets and lengths that go direct (>= the logical block size)
 SLOTS: Final = 4096  # pages in flight at most (16 MiB of ring)
 WAIT_S: Final = 120.0
+REAP_SLICE_S: Final = 0.02  # a wait for completions looks at refused pages this often
+SUBMIT_RETRIES: Final = 1000  # x 1 ms: a full kernel queue must drain within a second
 _IOCB_CMD_PWRITE: Final = 1
 
 # io_setup, io_destroy, io_getevents, io_submit
@@ -129,11 +138,10 @@ class Aio:
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self.ring))
         self.iocbs = (_Iocb * slots)()
         self._iocb0 = ctypes.addressof(self.iocbs)
-        self._ptrs = (ctypes.c_void_p * slots)()  # the batch: addresses of iocbs
         self._events = (_IoEvent * slots)()
 
-    def prepare(self, i: int, slot: int, fd: int, offset: int) -> None:
-        """Make batch entry ``i`` a write of ``slot``'s page at ``offset`` of ``fd``."""
+    def prepare(self, slot: int, fd: int, offset: int) -> int:
+        """Make ``slot``'s iocb a write of its page at ``offset`` of ``fd``; its address."""
         cb = self.iocbs[slot]
         cb.aio_data = slot
         cb.aio_lio_opcode = _IOCB_CMD_PWRITE
@@ -141,12 +149,12 @@ class Aio:
         cb.aio_buf = self._base + slot * PAGE
         cb.aio_nbytes = PAGE
         cb.aio_offset = offset
-        self._ptrs[i] = self._iocb0 + slot * ctypes.sizeof(_Iocb)
+        return self._iocb0 + slot * ctypes.sizeof(_Iocb)
 
-    def submit(self, n: int, first: int = 0) -> int:
-        """Queue batch entries [first, first + n); returns how many the kernel took."""
-        ptrs = ctypes.byref(self._ptrs, first * ctypes.sizeof(ctypes.c_void_p))
-        got = _syscall(self._submit, self.ctx, ctypes.c_long(n), ptrs)
+    def submit(self, ptrs: ctypes.Array[ctypes.c_void_p], first: int, n: int) -> int:
+        """Queue the iocbs ``ptrs[first:first + n]``; how many the kernel took (0: full)."""
+        at = ctypes.byref(ptrs, first * ctypes.sizeof(ctypes.c_void_p))
+        got = _syscall(self._submit, self.ctx, ctypes.c_long(n), at)
         if got < 0:
             err = ctypes.get_errno()
             if err == errno.EAGAIN:
@@ -217,6 +225,13 @@ class DirectWriter:
         self._pending: dict[Key, int] = {}  # file -> pages in flight
         self._files: dict[int, _File] = {}  # fh -> its file
         self._released: list[_File] = []  # closed once their file is idle
+        # io_submit runs on its own thread (the kernel's part of a direct write is most of
+        # its cost; meanwhile this thread decodes the next frames): batches go there, pages
+        # it could not queue come back on _refused
+        self._batches: queue.SimpleQueue[tuple[ctypes.Array[ctypes.c_void_p], list[int]] | None]
+        self._batches = queue.SimpleQueue()
+        self._refused: queue.SimpleQueue[tuple[list[int], int]] = queue.SimpleQueue()
+        self._submitter: threading.Thread | None = None
         self.supported = True
         self.error: OSError | None = None
         self.written = 0  # bytes written direct (tests, logs)
@@ -262,38 +277,44 @@ class DirectWriter:
         return left
 
     def _flush(self, f: _File, batch: list[tuple[int, int]]) -> None:
-        """Queue ``batch`` (its slots filled) on ``f``'s O_DIRECT descriptor."""
+        """Hand ``batch`` (its slots filled) to the submitter, on ``f``'s O_DIRECT descriptor."""
+        if not batch:
+            return
         aio = self._aio
         assert aio is not None
-        for i, (slot, offset) in enumerate(batch):
-            aio.prepare(i, slot, f.direct, offset)
+        addrs = []
+        for slot, offset in batch:
+            addrs.append(aio.prepare(slot, f.direct, offset))
             self._inflight[slot] = (f, offset)
         self._pending[f.key] = self._pending.get(f.key, 0) + len(batch)
-        done = 0
-        for _ in range(len(batch) + 1):  # each round queues at least one or reaps
-            if done >= len(batch):
-                return
-            try:
-                took = aio.submit(len(batch) - done, done)
-            except OSError as exc:
-                took = 0
-                self._failed_submit(batch[done:], exc)
-                return
-            done += took
-            if not took:
-                self._reap(1.0, lambda: True)  # the queue is full: let some complete
-        self._failed_submit(batch[done:], OSError(errno.EAGAIN, "io_submit made no progress"))
+        self._batches.put(((ctypes.c_void_p * len(addrs))(*addrs), [slot for slot, _ in batch]))
 
-    def _failed_submit(self, batch: list[tuple[int, int]], exc: OSError) -> None:
-        """Pages the kernel did not take: written buffered now, as if they had failed."""
-        for slot, _ in batch:
-            self._complete(slot, -(exc.errno or errno.EIO))
+    def _submit_loop(self, aio: Aio) -> None:
+        """The submitter thread: io_submit each batch; what the kernel refuses goes back."""
+        while (item := self._batches.get()) is not None:
+            ptrs, slots = item
+            done, err = 0, errno.EAGAIN
+            for _ in range(SUBMIT_RETRIES):  # the kernel's queue is full: it drains
+                try:
+                    done += aio.submit(ptrs, done, len(slots) - done)
+                except OSError as exc:
+                    err = exc.errno or errno.EIO
+                    break
+                if done >= len(slots):
+                    break
+                time.sleep(0.001)
+            if done < len(slots):
+                self._refused.put((slots[done:], err))
 
     def _open(self, fd: int, fh: int) -> _File | None:
         try:
             if self._aio is None:
                 self._aio = self._make_aio()
                 self._free = list(range(self._aio.slots))
+                self._submitter = threading.Thread(
+                    target=self._submit_loop, args=(self._aio,), name="resync-aio", daemon=True
+                )
+                self._submitter.start()
             st = os.fstat(fd)
             direct = self._open_direct(fd)
         except OSError:
@@ -306,16 +327,23 @@ class DirectWriter:
     # -- completing -----------------------------------------------------------------
 
     def _reap(self, wait: float, enough: Callable[[], bool]) -> None:
-        """Reap completions; with ``wait`` > 0, until ``enough()`` or nothing is in flight,
-        at most ``wait`` seconds."""
+        """Reap completions (and pages the submitter could not queue); with ``wait`` > 0,
+        until ``enough()`` or nothing is in flight, at most ``wait`` seconds."""
         aio = self._aio
         if aio is None or not self._inflight:
             return
         deadline = time.monotonic() + wait
-        for _ in range(SLOTS + 2):
+        for _ in range(int(wait / REAP_SLICE_S) + SLOTS + 2):
+            for _ in range(SLOTS):
+                try:
+                    slots, err = self._refused.get_nowait()
+                except queue.Empty:
+                    break
+                for slot in slots:
+                    self._complete(slot, -err)
             left = deadline - time.monotonic()
             try:
-                done = aio.reap(max(left, 0.001) if wait > 0 else 0.0)
+                done = aio.reap(min(max(left, 0.001), REAP_SLICE_S) if wait > 0 else 0.0)
             except OSError as exc:
                 self._keep(exc)
                 return
@@ -402,8 +430,12 @@ class DirectWriter:
             self._aio.release_pages()
 
     def close(self) -> None:
-        """``reset``, then destroy the AIO context and unmap the ring."""
+        """``reset``, then stop the submitter, destroy the AIO context and unmap the ring."""
         self.reset()
+        if self._submitter is not None:
+            self._batches.put(None)
+            self._submitter.join(10.0)
+            self._submitter = None
         if self._aio is not None and not self._inflight:
             self._aio.close()
             self._aio = None

@@ -13,8 +13,11 @@ import errno
 import mmap
 import os
 import random
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,24 +49,29 @@ class HeldAio:
         self.slots = slots
         self.ring = mmap.mmap(-1, slots * PAGE)
         self.view = memoryview(self.ring)
-        self._batch: list[tuple[int, int, int]] = []
+        self._iocbs: dict[int, tuple[int, int, int]] = {}
         self._queued: list[tuple[int, int, int]] = []
+        self._lock = threading.Lock()
         self.result = result  # a fixed result for every page (a failing disk), else PAGE
         self.submitted = 0
 
-    def prepare(self, i: int, slot: int, fd: int, offset: int) -> None:
-        del self._batch[i:]
-        self._batch.append((slot, fd, offset))
+    def prepare(self, slot: int, fd: int, offset: int) -> int:
+        self._iocbs[slot + 1] = (slot, fd, offset)
+        return slot + 1  # an "address" (0 would read back as None)
 
-    def submit(self, n: int, first: int = 0) -> int:
-        self._queued += self._batch[first : first + n]
-        self.submitted += n
+    def submit(self, ptrs: Any, first: int, n: int) -> int:
+        with self._lock:
+            self._queued += [self._iocbs[ptrs[i]] for i in range(first, first + n)]
+            self.submitted += n
         return n
 
     def reap(self, wait: float) -> list[tuple[int, int]]:
         if wait <= 0:
             return []
-        done, self._queued = self._queued[::-1], []
+        with self._lock:
+            done, self._queued = self._queued[::-1], []
+        if not done:
+            time.sleep(min(wait, 0.001))  # the submitter thread has not queued them yet
         out = []
         for slot, fd, offset in done:
             if self.result is None:
