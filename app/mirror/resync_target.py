@@ -21,9 +21,12 @@ How it works
     holds the data on disk; a page that could not be written fails ResyncDone (the session
     runs again). Meanwhile a writeback thread starts the disk writes of what went through the
     page cache (sync_file_range WRITE, every WRITEBACK_BYTES and at Release), so the final
-    syncfs finds little left. A crash before the answer leaves the target not done, so it is
-    not counted as in sync; the next session runs its plan again (ranges already applied are
-    sent again, not resumed).
+    syncfs finds little left; once done, that thread drops the clean cached pages of the
+    files the session wrote through the cache (POSIX_FADV_DONTNEED, at most DROP_MAX files):
+    this node serves no reads of them, and a later session's direct writes would otherwise
+    drop them one large folio at a time. A crash before the answer leaves the target not
+    done, so it is not counted as in sync; the next session runs its plan again (ranges
+    already applied are sent again, not resumed).
 
 Exceptions: an OSError or ApplyError while answering a query or ResyncDone, and a direct page
 that could not be written, become the ResyncReply's status; a Request before BEGIN is answered
@@ -101,6 +104,7 @@ _sync_file_range.restype = ctypes.c_int
 SYNC_FILE_RANGE_WRITE: Final = 2
 WRITEBACK_BYTES: Final = 8 << 20  # a resync handle's bytes written before its writeback starts
 FLUSHER_IDLE_WAITS: Final = 5  # seconds without work after which the writeback thread ends
+DROP_MAX: Final = 65536  # files whose cached pages are dropped after a session (the rest stay)
 
 
 def _key(st: os.stat_result) -> Key:
@@ -119,6 +123,20 @@ def start_writeback(fd: int) -> None:
     _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
 
+def _drop_cached(root: int, paths: list[bytes]) -> None:
+    for path in paths:
+        try:
+            fd = open_file(root, path)
+        except OSError:
+            continue  # renamed or removed since
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass  # a hint only: the data is on disk either way
+        finally:
+            os.close(fd)
+
+
 class _Flusher:
     """A thread that starts the writeback of the descriptors it is given (sync_file_range
     WRITE, which blocks while it submits the I/O) and closes them, so the receiving thread
@@ -126,16 +144,18 @@ class _Flusher:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._fds: deque[int] = deque()
+        self._fds: deque[tuple[int, list[bytes] | None]] = deque()
         self._thread: threading.Thread | None = None
         self._stopping = False
 
-    def give(self, fd: int) -> None:
+    def give(self, fd: int, drop: list[bytes] | None = None) -> None:
+        """Start ``fd``'s writeback; or, given ``drop``, drop the clean cached pages of those
+        files below the directory ``fd``. Then close ``fd`` (it is ours now)."""
         with self._cond:
             if self._stopping:
                 os.close(fd)
                 return
-            self._fds.append(fd)
+            self._fds.append((fd, drop))
             self._cond.notify()
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -156,9 +176,12 @@ class _Flusher:
                         return
                     continue
                 idle = 0
-                fd = self._fds.popleft()
+                fd, drop = self._fds.popleft()
             try:
-                start_writeback(fd)
+                if drop is None:
+                    start_writeback(fd)
+                else:
+                    _drop_cached(fd, drop)
             finally:
                 os.close(fd)
 
@@ -171,7 +194,7 @@ class _Flusher:
             thread.join(timeout)
         with self._cond:
             while self._fds:
-                os.close(self._fds.popleft())
+                os.close(self._fds.popleft()[0])
             self._stopping = False
 
 
@@ -179,6 +202,7 @@ class _Flusher:
 class _Handle:
     path: bytes
     unflushed: int = 0  # bytes written since the last writeback was asked
+    wrote: bool = False  # bytes went through the page cache
 
 
 class _Writeback:
@@ -190,6 +214,7 @@ class _Writeback:
     def __init__(self, root: int) -> None:
         self._root = root
         self._handles: dict[int, _Handle] = {}
+        self._written: list[bytes] = []  # files the session wrote through the page cache
         self._flusher = _Flusher()
 
     def seen(self, op: ops.Op, applied: bool) -> None:
@@ -201,18 +226,22 @@ class _Writeback:
                 h = self._handles.get(fh)
                 if h is not None and applied:
                     h.unflushed += len(data)
+                    h.wrote = True
                     if h.unflushed >= WRITEBACK_BYTES:
                         self._kick(h)
             case ops.WriteV(fh=fh, parts=parts):
                 h = self._handles.get(fh)
                 if h is not None and applied:
                     h.unflushed += sum(len(d) for _, d in parts)
+                    h.wrote = True
                     if h.unflushed >= WRITEBACK_BYTES:
                         self._kick(h)
             case ops.Release(fh=fh):
                 h = self._handles.pop(fh, None)
                 if h is not None and h.unflushed:
                     self._kick(h)
+                if h is not None and h.wrote and len(self._written) < DROP_MAX:
+                    self._written.append(h.path)
             case _:
                 pass
 
@@ -224,8 +253,17 @@ class _Writeback:
             return  # renamed or removed meanwhile: the final syncfs covers it
         self._flusher.give(fd)
 
+    def drop_cached(self) -> None:
+        """The session's data is on disk: drop what it left in the page cache (on the
+        writeback thread, while the answer goes out). This node serves no reads of it, and a later
+        session's direct writes would otherwise drop those pages one folio at a time."""
+        written, self._written = self._written, []
+        if written:
+            self._flusher.give(os.dup(self._root), drop=written)
+
     def reset(self) -> None:
         self._handles.clear()
+        self._written.clear()
 
     def close(self) -> None:
         self._handles.clear()
@@ -297,6 +335,7 @@ class Responder:
             except OSError as exc:
                 return ResyncReply(event.id, exc.errno or errno.EIO, b"")
             self.state = "done"
+            self._writeback.drop_cached()
             if self.on_done is not None:
                 self.on_done()
             return ResyncReply(event.id, 0, b"")
