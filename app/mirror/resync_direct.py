@@ -28,11 +28,12 @@ How it works
     coherent (a direct write writes back and drops the cached pages of its range).
 
     Order: pages in flight complete in any order, so ``submit`` never queues a page that
-    overlaps one in flight: a WriteV's parts must be sorted and disjoint and start at or after
-    the end of what was queued for that handle, else the file's pages land first
-    (``wait_file``). The caller waits, before any other op, for the pages of the file that op
-    reads or changes (``wait_file``, by st_dev/st_ino) or for all of them (``barrier``), so
-    every later op sees these pages written, as if they had been applied in stream order.
+    overlaps one in flight: a WriteV whose parts are not sorted and disjoint is handed back
+    whole (after the file's pages in flight landed), and one that starts before the end of
+    what was queued for that handle first waits for the file's pages (``wait_file``). The
+    caller waits, before any other op, for the pages of the file that op reads or changes
+    (``wait_file``, by st_dev/st_ino) or for all of them (``barrier``), so every later op sees
+    these pages written, as if they had been applied in stream order.
 
     Errors: a page whose direct write fails or is short is written again buffered (from its
     slot, on our own duplicate of the plain descriptor); if that fails too, the first error
@@ -252,7 +253,12 @@ class DirectWriter:
             return list(parts)
         aio = self._aio
         assert aio is not None
-        if not _sorted_disjoint(parts) or parts[0][0] < f.end:
+        if not _sorted_disjoint(parts):
+            # parts in flight land in any order: overlapping ones go back, to be applied in
+            # order through the cache, once what is in flight for the file has landed
+            self.wait_file(f.key)
+            return list(parts)
+        if parts[0][0] < f.end:
             self.wait_file(f.key)  # it would overlap pages in flight: let those land first
         left: list[Part] = []
         batch: list[tuple[int, int]] = []  # (slot, offset)

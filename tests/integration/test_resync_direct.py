@@ -274,3 +274,25 @@ def test_the_writer_serves_a_second_session_after_a_reset(tmp_path: Path) -> Non
         writer.close()
     assert writer.take_error() is None
     assert path.read_bytes() == b"1" * PAGE + b"2" * PAGE
+
+
+def test_a_writev_whose_parts_overlap_is_applied_in_order_through_the_cache(
+    tmp_path: Path,
+) -> None:
+    """Parts in flight complete in any order, so overlapping parts are never queued together:
+    the WriteV goes back to the caller, which applies its parts in order."""
+    path = tmp_path / "data"
+    path.write_bytes(b"\0" * PAGE)
+    writer = DirectWriter(make_aio=lambda: HeldAio(), open_direct=plain_open)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        parts = ((0, b"a" * PAGE), (0, b"b" * PAGE))
+        left = writer.submit(fd, RESYNC_FH_BASE, parts)
+        assert left == list(parts)
+        for off, data in left:
+            os.pwrite(fd, data, off)
+        writer.barrier()
+    finally:
+        writer.close()
+        os.close(fd)
+    assert path.read_bytes() == b"b" * PAGE
