@@ -13,7 +13,7 @@ How it works
     operation: only ``OSError`` with a positive errno leaves it), ``rel_path``/``name_str``
     (libfuse's ``str`` paths to the kernel's bytes, relative to the root, and back) and
     ``stat_dict``, ``xattr_name`` and ``resolve_times`` (UTIME_NOW/UTIME_OMIT as libfuse
-    passes them).
+    passes them), and ``CacheTimeouts``, the kernel cache timeouts a mount is configured with.
 
 Exceptions
     ``serve`` raises ``RuntimeError`` when libfuse cannot mount. ``fuse_errors`` answers EIO
@@ -34,6 +34,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import mfusepy
@@ -51,6 +52,23 @@ log = logging.getLogger("app.mirror.fusefs")
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheTimeouts:
+    """Seconds the kernel may trust what it learnt (libfuse config entry/attr/negative_timeout).
+
+    Every change goes through this mount, and the kernel updates or drops what a change
+    through the mount touches, so caching is safe; only hard-linked aliases can lag (see the
+    module docstring). One second keeps stat-heavy programs off the Python path.
+    """
+
+    entry: float = 1.0
+    attr: float = 1.0
+    negative: float = 1.0
+
+
+DEFAULT_TIMEOUTS = CacheTimeouts()
 
 
 def fuse_errors(fn: Callable[P, R]) -> Callable[P, R]:

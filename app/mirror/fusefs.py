@@ -83,13 +83,13 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import mfusepy
 
 from app.mirror import crossing, ops
 from app.mirror.exclude import Exclusions
+from app.mirror.fusebinding import DEFAULT_TIMEOUTS as DEFAULT_TIMEOUTS
 from app.mirror.fusebinding import (
     ENCODING,
     ERRORS,
@@ -105,6 +105,7 @@ from app.mirror.fusebinding import (
     stat_dict,
     xattr_name,
 )
+from app.mirror.fusebinding import CacheTimeouts as CacheTimeouts
 from app.mirror.fusefs_handles import _INODE_LOCKS, _Handle
 from app.mirror.fusefs_sys import FALLOC_FL_KEEP_SIZE as FALLOC_FL_KEEP_SIZE
 from app.mirror.fusefs_sys import FALLOC_FL_PUNCH_HOLE as FALLOC_FL_PUNCH_HOLE
@@ -118,7 +119,8 @@ from app.mirror.fusefs_sys import (
 )
 from app.mirror.ops import Replicator
 
-# serve and MOUNT_OPTIONS live in fusebinding.py and are re-exported from here.
+# serve, MOUNT_OPTIONS, CacheTimeouts and DEFAULT_TIMEOUTS live in fusebinding.py and are
+# re-exported from here.
 __all__ = [
     "DEFAULT_TIMEOUTS",
     "MOUNT_OPTIONS",
@@ -146,23 +148,6 @@ _STATVFS_KEYS = (
     "f_favail",
     "f_namemax",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class CacheTimeouts:
-    """Seconds the kernel may trust what it learnt (libfuse config entry/attr/negative_timeout).
-
-    Every change goes through this mount, and the kernel updates or drops what a change
-    through the mount touches, so caching is safe; only hard-linked aliases can lag (see the
-    module docstring). One second keeps stat-heavy programs off the Python path.
-    """
-
-    entry: float = 1.0
-    attr: float = 1.0
-    negative: float = 1.0
-
-
-DEFAULT_TIMEOUTS = CacheTimeouts()
 
 
 class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
