@@ -388,19 +388,20 @@ class BehindWatcher:
         self._report(path, what)
 
     def _report(self, path: bytes, what: str) -> None:
-        self.count += 1
         shown = os.fsdecode(path) or "."
-        self.recent.append(f"{shown}: {what}")
         self._log.warning(
             "change behind the mirror's back in %s: %s (%s); the next resync compares everything",
             self.root,
             shown,
             what,
         )
+        # the flag first: whoever sees the count (the status) sees the full compare owed too
         try:
             self._on_change(path, what)
         except Exception as exc:
             self._log.error("cannot record the change behind the back: %s", exc)
+        self.recent.append(f"{shown}: {what}")
+        self.count += 1
 
     def _watch_tree(self, top: bytes) -> None:
         inotify = self._inotify
