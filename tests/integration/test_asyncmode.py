@@ -42,19 +42,25 @@ class RecordingSink:
 
 
 def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
-    """What a user compares: each path's type, mode, size, content or link target."""
+    """What a user compares: each path's type, mode, size, content or link target.
+
+    The mirror may be changing the tree while it is read: an entry gone between the listing
+    and its lstat is left out (the callers poll until both trees are equal)."""
     tree: dict[str, tuple[object, ...]] = {".": ("root", stat.S_IMODE(root.stat().st_mode))}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             full = Path(dirpath, name)
             rel = str(full.relative_to(root))
-            st = full.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                tree[rel] = ("link", os.readlink(full))
-            elif stat.S_ISDIR(st.st_mode):
-                tree[rel] = ("dir", stat.S_IMODE(st.st_mode))
-            else:
-                tree[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_size, full.read_bytes())
+            try:
+                st = full.lstat()
+                if stat.S_ISLNK(st.st_mode):
+                    tree[rel] = ("link", os.readlink(full))
+                elif stat.S_ISDIR(st.st_mode):
+                    tree[rel] = ("dir", stat.S_IMODE(st.st_mode))
+                else:
+                    tree[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_size, full.read_bytes())
+            except FileNotFoundError:
+                continue
     return tree
 
 
