@@ -15,7 +15,8 @@ Why
 How it works
     ``DirectWriter.submit(fd, fh, parts)`` takes the parts of one resync ``WriteV`` whose
     offset and length are multiples of PAGE, copies each page into a slot of a page-aligned
-    ring (SLOTS pages, mapped at first use) and hands them, as one batch, to the submitter
+    ring (SLOTS pages, made and touched by ``warm`` when the target arms itself, in huge
+    pages where the system allows) and hands them, as one batch, to the submitter
     thread, which queues the batch with one ``io_submit`` on a second descriptor of the file
     opened with O_DIRECT (``/proc/self/fd/<fd>`` reopened: the inode the Receiver resolved
     safely). The kernel's part of a direct write is most of its cost; on its own thread (the
@@ -26,6 +27,12 @@ How it works
     not queue come back to it the same way. Everything but the ``io_submit`` call (slots,
     counts, descriptors) belongs to the caller's thread. The kernel keeps the page cache
     coherent (a direct write writes back and drops the cached pages of its range).
+
+    Cost per page, on the receiving thread: a copy into the ring and one ``struct`` pack of
+    its iocb (descriptor, buffer, size, offset; the slot's other fields are written once),
+    then its completion read from the event array as plain integers. Measured for 2621 pages:
+    submit 5 to 9 ms of CPU, against 9 to 12 ms with ctypes structures and 14 ms more when
+    every slot of the ring faulted at first use.
 
     Order: pages in flight complete in any order, so ``submit`` never queues a page that
     overlaps one in flight: a WriteV whose parts are not sorted and disjoint is handed back
@@ -50,19 +57,23 @@ Limits
     - A WriteV's Ack means "queued for writing": a write error fails ResyncDone, not that Ack
       (the source uses those Acks only to redo refused paths).
     - x86_64 and aarch64 only (the system call numbers), little-endian.
-    - One AIO context and ring per replicated directory on the target, made at the first
-      resync page: SLOTS x 4 KiB of address space, given back (MADV_DONTNEED) after each
-      session, unmapped at ``close``.
+    - One AIO context and ring per replicated directory on the target, made when the
+      target arms itself (``warm``, about 2 ms): SLOTS x 4 KiB of memory, resident from then
+      on, handed back lazily after each session (MADV_FREE: the system takes it under memory
+      pressure), unmapped at ``close``.
 """
 
 from __future__ import annotations
 
+import array
+import contextlib
 import ctypes
 import errno
 import mmap
 import os
 import platform
 import queue
+import struct
 import sys
 import threading
 import time
@@ -83,32 +94,14 @@ Part = tuple[int, bytes]
 Key = tuple[int, int]  # st_dev, st_ino
 
 
-class _Iocb(ctypes.Structure):
-    """struct iocb (linux/aio_abi.h), little-endian layout."""
-
-    _fields_ = [
-        ("aio_data", ctypes.c_uint64),
-        ("aio_key", ctypes.c_uint32),
-        ("aio_rw_flags", ctypes.c_int32),
-        ("aio_lio_opcode", ctypes.c_uint16),
-        ("aio_reqprio", ctypes.c_int16),
-        ("aio_fildes", ctypes.c_uint32),
-        ("aio_buf", ctypes.c_uint64),
-        ("aio_nbytes", ctypes.c_uint64),
-        ("aio_offset", ctypes.c_int64),
-        ("aio_reserved2", ctypes.c_uint64),
-        ("aio_flags", ctypes.c_uint32),
-        ("aio_resfd", ctypes.c_uint32),
-    ]
-
-
-class _IoEvent(ctypes.Structure):
-    _fields_ = [
-        ("data", ctypes.c_uint64),
-        ("obj", ctypes.c_uint64),
-        ("res", ctypes.c_int64),
-        ("res2", ctypes.c_int64),
-    ]
+# struct iocb (linux/aio_abi.h, little-endian, 64 bytes): aio_data (u64) at 0, then key,
+# rw_flags, lio_opcode (u16 at 16), reqprio, fildes (u32 at 20), buf, nbytes, offset (at
+# 24, 32, 40), reserved2, flags, resfd. A slot's data, opcode, buf and nbytes never change:
+# they are written once, and a page costs one pack of its descriptor, buf, size and offset.
+_IOCB_SIZE: Final = 64
+_IOCB_HEAD = struct.Struct("<Q8xH")  # aio_data, (aio_key, aio_rw_flags), aio_lio_opcode
+_IOCB_TAIL = struct.Struct("<IQQq")  # aio_fildes, aio_buf, aio_nbytes, aio_offset (at 20)
+_EVENT_SIZE: Final = 32  # struct io_event: data, obj (u64), res, res2 (s64)
 
 
 class _Timespec(ctypes.Structure):
@@ -134,28 +127,36 @@ class Aio:
             raise OSError(err, f"io_setup: {os.strerror(err)}")
         self.ctx = ctx
         self.slots = slots
-        self.ring = mmap.mmap(-1, slots * PAGE)  # anonymous: page-aligned, as O_DIRECT wants
+        # anonymous and private: page-aligned, as O_DIRECT wants; in huge pages where the
+        # system allows it, and touched now: a fault per 4 KiB page at first use cost more
+        # than the copies into the ring (14 against 5 ms of CPU for 2621 pages), and touching
+        # 16 MiB takes 2 ms in huge pages against 7 to 10 ms in small ones (measured)
+        self.ring = mmap.mmap(-1, slots * PAGE, flags=mmap.MAP_PRIVATE)
+        with contextlib.suppress(AttributeError, OSError):
+            self.ring.madvise(mmap.MADV_HUGEPAGE)
         self.view = memoryview(self.ring)
+        for at in range(0, slots * PAGE, PAGE):
+            self.view[at] = 0
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self.ring))
-        self.iocbs = (_Iocb * slots)()
-        self._iocb0 = ctypes.addressof(self.iocbs)
-        self._events = (_IoEvent * slots)()
+        self._iocbs = bytearray(slots * _IOCB_SIZE)  # never resized: its address is stable
+        self._iocb0 = ctypes.addressof(ctypes.c_char.from_buffer(self._iocbs))
+        for slot in range(slots):
+            _IOCB_HEAD.pack_into(self._iocbs, slot * _IOCB_SIZE, slot, _IOCB_CMD_PWRITE)
+        self._events = bytearray(slots * _EVENT_SIZE)
+        self._events_at = ctypes.addressof(ctypes.c_char.from_buffer(self._events))
+        self._words = memoryview(self._events).cast("q")  # 4 per event: data, obj, res, res2
 
     def prepare(self, slot: int, fd: int, offset: int) -> int:
         """Make ``slot``'s iocb a write of its page at ``offset`` of ``fd``; its address."""
-        cb = self.iocbs[slot]
-        cb.aio_data = slot
-        cb.aio_lio_opcode = _IOCB_CMD_PWRITE
-        cb.aio_fildes = fd
-        cb.aio_buf = self._base + slot * PAGE
-        cb.aio_nbytes = PAGE
-        cb.aio_offset = offset
-        return self._iocb0 + slot * ctypes.sizeof(_Iocb)
+        at = slot * _IOCB_SIZE
+        _IOCB_TAIL.pack_into(self._iocbs, at + 20, fd, self._base + slot * PAGE, PAGE, offset)
+        return self._iocb0 + at
 
-    def submit(self, ptrs: ctypes.Array[ctypes.c_void_p], first: int, n: int) -> int:
-        """Queue the iocbs ``ptrs[first:first + n]``; how many the kernel took (0: full)."""
-        at = ctypes.byref(ptrs, first * ctypes.sizeof(ctypes.c_void_p))
-        got = _syscall(self._submit, self.ctx, ctypes.c_long(n), at)
+    def submit(self, ptrs: array.array[int], first: int, n: int) -> int:
+        """Queue the iocbs whose addresses are ``ptrs[first:first + n]``; how many the kernel
+        took (0: its queue is full)."""
+        at = ptrs.buffer_info()[0] + first * ptrs.itemsize
+        got = _syscall(self._submit, self.ctx, ctypes.c_long(n), ctypes.c_void_p(at))
         if got < 0:
             err = ctypes.get_errno()
             if err == errno.EAGAIN:
@@ -171,7 +172,7 @@ class Aio:
             self.ctx,
             ctypes.c_long(1 if wait > 0 else 0),
             ctypes.c_long(self.slots),
-            self._events,
+            ctypes.c_void_p(self._events_at),
             ctypes.byref(timeout),
         )
         if got < 0:
@@ -179,14 +180,18 @@ class Aio:
             if err == errno.EINTR:
                 return []
             raise OSError(err, f"io_getevents: {os.strerror(err)}")
-        return [(int(self._events[i].data), int(self._events[i].res)) for i in range(got)]
+        words = self._words[: got * 4]
+        return list(zip(words[0::4].tolist(), words[2::4].tolist(), strict=True))
 
     def release_pages(self) -> None:
-        """Give the ring's memory back to the system (its contents are not needed)."""
-        self.ring.madvise(mmap.MADV_DONTNEED)
+        """Let the system take the ring's memory back (its contents are not needed). With
+        MADV_FREE it does so only under memory pressure, and a page written again before that
+        costs no fault."""
+        self.ring.madvise(getattr(mmap, "MADV_FREE", mmap.MADV_DONTNEED))
 
     def close(self) -> None:
         _syscall(self._destroy, self.ctx)  # waits for what is in flight
+        self._words.release()
         self.view.release()
         self.ring.close()
 
@@ -205,6 +210,16 @@ class _File:
         self.direct = direct
         self.plain = plain  # our own duplicate: the Receiver may close its descriptor first
         self.end = 0  # end of what was queued for this handle since its file was last idle
+
+
+class _Batch:
+    """The pages of one submit for the submitter: their iocbs' addresses and their slots."""
+
+    __slots__ = ("addrs", "slots")
+
+    def __init__(self) -> None:
+        self.addrs = array.array("Q")  # passed to io_submit as it is (an iocb * array)
+        self.slots: list[int] = []
 
 
 class DirectWriter:
@@ -229,8 +244,7 @@ class DirectWriter:
         # io_submit runs on its own thread (the kernel's part of a direct write is most of
         # its cost; meanwhile this thread decodes the next frames): batches go there, pages
         # it could not queue come back on _refused
-        self._batches: queue.SimpleQueue[tuple[ctypes.Array[ctypes.c_void_p], list[int]] | None]
-        self._batches = queue.SimpleQueue()
+        self._batches: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self._refused: queue.SimpleQueue[tuple[list[int], int]] = queue.SimpleQueue()
         self._submitter: threading.Thread | None = None
         self.supported = True
@@ -261,44 +275,42 @@ class DirectWriter:
         if parts[0][0] < f.end:
             self.wait_file(f.key)  # it would overlap pages in flight: let those land first
         left: list[Part] = []
-        batch: list[tuple[int, int]] = []  # (slot, offset)
+        batch = _Batch()
+        free, view, prepare, inflight = self._free, aio.view, aio.prepare, self._inflight
+        direct = f.direct
         for offset, data in parts:
-            if offset % PAGE or len(data) % PAGE or not data:
+            size = len(data)
+            if offset % PAGE or size % PAGE or not size:
                 left.append((offset, data))
                 continue
-            src = memoryview(data)
-            for pos in range(0, len(data), PAGE):
-                if not self._free:
+            for pos in range(0, size, PAGE):
+                if not free:
                     self._flush(f, batch)
-                    batch = []
-                    self._reap(WAIT_S, lambda: bool(self._free))
-                    if not self._free:
+                    batch = _Batch()
+                    self._reap(WAIT_S, lambda: bool(free))
+                    if not free:
                         return left + _rest(parts, offset + pos)
-                slot = self._free.pop()
-                aio.view[slot * PAGE : (slot + 1) * PAGE] = src[pos : pos + PAGE]
-                batch.append((slot, offset + pos))
-            f.end = offset + len(data)
+                slot = free.pop()
+                at = slot * PAGE
+                view[at : at + PAGE] = data if size == PAGE else memoryview(data)[pos : pos + PAGE]
+                batch.addrs.append(prepare(slot, direct, offset + pos))
+                batch.slots.append(slot)
+                inflight[slot] = (f, offset + pos)
+            f.end = offset + size
         self._flush(f, batch)
         self._reap(0.0, lambda: True)
         return left
 
-    def _flush(self, f: _File, batch: list[tuple[int, int]]) -> None:
-        """Hand ``batch`` (its slots filled) to the submitter, on ``f``'s O_DIRECT descriptor."""
-        if not batch:
-            return
-        aio = self._aio
-        assert aio is not None
-        addrs = []
-        for slot, offset in batch:
-            addrs.append(aio.prepare(slot, f.direct, offset))
-            self._inflight[slot] = (f, offset)
-        self._pending[f.key] = self._pending.get(f.key, 0) + len(batch)
-        self._batches.put(((ctypes.c_void_p * len(addrs))(*addrs), [slot for slot, _ in batch]))
+    def _flush(self, f: _File, batch: _Batch) -> None:
+        """Hand ``batch`` (its slots filled, its iocbs prepared) to the submitter."""
+        if batch.slots:
+            self._pending[f.key] = self._pending.get(f.key, 0) + len(batch.slots)
+            self._batches.put(batch)
 
     def _submit_loop(self, aio: Aio) -> None:
         """The submitter thread: io_submit each batch; what the kernel refuses goes back."""
-        while (item := self._batches.get()) is not None:
-            ptrs, slots = item
+        while (batch := self._batches.get()) is not None:
+            ptrs, slots = batch.addrs, batch.slots
             done, err = 0, errno.EAGAIN
             for _ in range(SUBMIT_RETRIES):  # the kernel's queue is full: it drains
                 try:
@@ -312,15 +324,27 @@ class DirectWriter:
             if done < len(slots):
                 self._refused.put((slots[done:], err))
 
-    def _open(self, fd: int, fh: int) -> _File | None:
+    def warm(self) -> None:
+        """Make the AIO context, the ring and the submitter now (the target calls it when it
+        arms itself), so the session's first page does not wait for them."""
+        if self._aio is not None or not self.supported:
+            return
         try:
-            if self._aio is None:
-                self._aio = self._make_aio()
-                self._free = list(range(self._aio.slots))
-                self._submitter = threading.Thread(
-                    target=self._submit_loop, args=(self._aio,), name="resync-aio", daemon=True
-                )
-                self._submitter.start()
+            self._aio = self._make_aio()
+        except OSError:
+            self.supported = False  # no AIO here
+            return
+        self._free = list(range(self._aio.slots))
+        self._submitter = threading.Thread(
+            target=self._submit_loop, args=(self._aio,), name="resync-aio", daemon=True
+        )
+        self._submitter.start()
+
+    def _open(self, fd: int, fh: int) -> _File | None:
+        self.warm()
+        if self._aio is None:
+            return None
+        try:
             st = os.fstat(fd)
             direct = self._open_direct(fd)
         except OSError:
@@ -341,10 +365,9 @@ class DirectWriter:
         deadline = time.monotonic() + wait
         for _ in range(int(wait / REAP_SLICE_S) + SLOTS + 2):
             for _ in range(SLOTS):
-                try:
-                    slots, err = self._refused.get_nowait()
-                except queue.Empty:
+                if self._refused.empty():
                     break
+                slots, err = self._refused.get()
                 for slot in slots:
                     self._complete(slot, -err)
             left = deadline - time.monotonic()

@@ -291,6 +291,7 @@ class Responder:
 
     def arm(self, log: ActivityLog) -> None:
         self.armed = log
+        self._direct.warm()
         if self.state != "running":
             self.state = "none"
 

@@ -9,10 +9,12 @@ it (older bytes, or a moved mtime), and the test fails.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
 import random
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ import pytest
 from app.mirror import ops, protocol, resync
 from app.mirror.receiver import Receiver
 from app.mirror.resync_codec import RESYNC_FH_BASE, ActivityLog
-from app.mirror.resync_direct import PAGE, DirectWriter
+from app.mirror.resync_direct import PAGE, Aio, DirectWriter
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -296,3 +298,58 @@ def test_a_writev_whose_parts_overlap_is_applied_in_order_through_the_cache(
         writer.close()
         os.close(fd)
     assert path.read_bytes() == b"b" * PAGE
+
+
+def test_arming_the_target_makes_the_ring_before_the_first_page(
+    target: tuple[Path, Receiver],
+) -> None:
+    """The AIO context and its ring are made when the target arms itself, once, so the
+    session's first page does not pay for them; a second session reuses them."""
+    root, receiver = target
+    (root / "f").write_bytes(b"\0" * PAGE)
+    made: list[HeldAio] = []
+
+    def make() -> HeldAio:
+        made.append(HeldAio())
+        return made[-1]
+
+    writer = DirectWriter(make_aio=make, open_direct=plain_open)  # type: ignore[arg-type]
+    responder = resync.Responder(str(root), receiver, direct=writer)
+    try:
+        assert made == []
+        begin(responder)
+        assert len(made) == 1 and made[0].submitted == 0
+        fh = RESYNC_FH_BASE
+        assert responder.handle(request(10, ops.Open(fh, b"f"))) == protocol.Ack(10)
+        assert responder.handle(request(11, ops.WriteV(fh, ((0, b"w" * PAGE),)))) == protocol.Ack(
+            11
+        )
+        assert responder.handle(request(12, ops.Release(fh))) == protocol.Ack(12)
+        assert responder.handle(protocol.ResyncDone(13)) == protocol.ResyncReply(13, 0, b"")
+        begin(responder)  # the next session
+        assert len(made) == 1 and made[0].submitted == 1
+    finally:
+        responder.close()
+    assert (root / "f").read_bytes() == b"w" * PAGE
+
+
+def test_the_real_ring_is_page_aligned_and_its_iocbs_name_their_slots() -> None:
+    """The packed iocbs (resync_direct's layout of struct iocb) as the kernel reads them."""
+    try:
+        aio = Aio(slots=8)
+    except OSError as exc:
+        pytest.skip(f"no native AIO on this machine: {exc}")
+
+    def iocb(addr: int) -> tuple[int, ...]:
+        raw = ctypes.string_at(addr, 64)
+        return struct.unpack_from("<Q8xHxxIQQq", raw)  # data, opcode, fildes, buf, nbytes, off
+
+    try:
+        data, opcode, fildes, buf5, nbytes, offset = iocb(aio.prepare(5, 42, 7 * PAGE))
+        assert (data, opcode, fildes, nbytes, offset) == (5, 1, 42, PAGE, 7 * PAGE)
+        buf0 = iocb(aio.prepare(0, 3, 0))[3]
+        assert buf0 % PAGE == 0 and buf5 == buf0 + 5 * PAGE
+        aio.view[5 * PAGE : 6 * PAGE] = b"q" * PAGE  # the slot's page is what buf points at
+        assert ctypes.string_at(buf5, PAGE) == b"q" * PAGE
+    finally:
+        aio.close()
