@@ -18,7 +18,9 @@ How it works
     frozen peer is caught by the caller's answer timeout, as before) and a small frame costs
     no thread switch. The reader queues its replies and writes them when it has no complete
     frame left to handle, and before handling an Fsync (which may take long): acks of a burst
-    go out in one write, and still only after their op was applied.
+    go out in one write, and still only after their op was applied. A resync query's answer
+    goes out at once (with the acks before it): the source blocks on it, while the source
+    only counts acks.
 
     Receiving on a link without a handler (the primary's: every frame it gets answers one of
     its own requests): the thread that waits for an answer reads the socket itself, with
@@ -500,6 +502,8 @@ class Link:
         if reply is None:
             raise ProtocolError(f"no answer for {type(ev).__name__}")
         self._send_reply(reply)
+        if isinstance(reply, ResyncReply):
+            self._flush_replies()  # a resync query's answer: the source waits for it
 
 
 def connect(host: str, port: int, conn: Connection, timeout: float) -> socket.socket:

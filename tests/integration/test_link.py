@@ -1,6 +1,6 @@
 """The channel's Link over a real socket pair: answers reach the right waiter when waiters read
 the socket themselves (many threads at once), answers nobody waits for are still read, a peer
-that hangs up an idle link is noticed without any traffic, and a silent peer times out."""
+that hangs up an idle link is noticed without any traffic, and a silent peer times out; a resync query is answered at once."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from app.mirror import ops
 from app.mirror.channel import Link, handshake
 from app.mirror.errors import ChannelError
-from app.mirror.protocol import Ack, Connection, Event, Request, Role
+from app.mirror.protocol import Ack, Connection, Event, Request, ResyncQuery, ResyncReply, Role
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -150,6 +150,42 @@ def test_silent_peer_times_out_and_close_wakes_waiters() -> None:
         assert results == ["link closed: admin stop"] * 2
     finally:
         release.set()
+        client.close("test over")
+        server.close("test over")
+        client.join(5.0)
+        server.join(5.0)
+
+
+def test_a_resync_answer_goes_out_before_the_ops_queued_behind_it_are_applied() -> None:
+    """The resync source blocks on a query's answer and only counts acks: the secondary
+    writes that answer at once, not when it has applied every frame it already holds."""
+    r0_holds, r1_holds = threading.Event(), threading.Event()
+
+    def handler(ev: Event) -> Event | None:
+        if isinstance(ev, ResyncQuery):
+            return ResyncReply(ev.id, 0, b"stat")
+        assert isinstance(ev, Request) and isinstance(ev.op, ops.Chmod)
+        hold = r0_holds if ev.op.path == b"f0" else r1_holds
+        hold.wait(10.0)  # bounded: the test releases it
+        return Ack(ev.id)
+
+    def chmod(i: int) -> Callable[[int], Event]:  # an op that flushes nothing before it
+        return lambda ident: Request(ident, ops.Chmod(b"f%d" % i, 0o644))
+
+    client, server, _closed = _pair(handler)
+    try:
+        first = client.submit(chmod(0))  # held until the query and the next op are queued
+        query = client.submit(lambda i: ResyncQuery(i, 1, b"f", 0, 0))
+        second = client.submit(chmod(1))  # held until the test saw the query's answer
+        r0_holds.set()
+        answer = query.wait(5.0)  # without the early write: stuck behind the held op
+        assert answer == ResyncReply(answer.id, 0, b"stat")
+        assert not second.done
+        r1_holds.set()
+        assert isinstance(first.wait(5.0), Ack) and isinstance(second.wait(5.0), Ack)
+    finally:
+        r0_holds.set()
+        r1_holds.set()
         client.close("test over")
         server.close("test over")
         client.join(5.0)
