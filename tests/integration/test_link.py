@@ -1,6 +1,7 @@
 """The channel's Link over a real socket pair: answers reach the right waiter when waiters read
 the socket themselves (many threads at once), answers nobody waits for are still read, a peer
-that hangs up an idle link is noticed without any traffic, and a silent peer times out; a resync query is answered at once."""
+that hangs up an idle link is noticed without any traffic, a silent peer times out, and a
+resync query's answer does not wait for the ops queued behind it."""
 
 from __future__ import annotations
 
