@@ -33,6 +33,7 @@ import errno
 import functools
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -140,12 +141,32 @@ def resolve_times(atime: int, mtime: int, now: int, st: os.stat_result) -> tuple
     return one(atime, st.st_atime_ns), one(mtime, st.st_mtime_ns)
 
 
+_thread_state = threading.local()
+
+
+def _keep_thread_state() -> None:
+    """Keep the Python thread state of this libfuse worker thread for the thread's life.
+
+    ctypes makes a thread state for every callback from a thread Python did not start, and
+    deletes it on return (each time: an mmap and munmap of its frame stack, and the state's
+    set-up): that was 2 of 5 system calls per FUSE request. One more PyGILState_Ensure that is
+    never released keeps the state; the worker threads live as long as the mount.
+    """
+    ctypes.pythonapi.PyGILState_Ensure()
+    _thread_state.kept = True
+
+
 class _Binding(mfusepy.FUSE):  # type: ignore[misc]
     """mfusepy's FUSE with what it drops for libfuse 3 put back.
 
     mfusepy passes no rename flags, no handle to truncate/chmod/chown/utimens, no writepage
     bit, and has no lseek wrapper; this subclass forwards them to ``MirrorFS``.
     """
+
+    def _wrapper(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not getattr(_thread_state, "kept", False):
+            _keep_thread_state()
+        return super()._wrapper(func, *args, **kwargs)
 
     def _path(self, path: bytes | None) -> str | None:
         return None if path is None else path.decode(self.encoding, self.errors)

@@ -1,0 +1,48 @@
+"""The libfuse binding (fusebinding.py) on a real mount: each libfuse worker thread keeps its
+Python thread state from one request to the next instead of making and deleting one per
+request (an mmap and munmap of its frame stack each time)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.mirror.ops import LocalOnly
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(60),
+    pytest.mark.usefixtures("no_mount_left_behind"),
+]
+
+
+def test_a_worker_thread_keeps_its_python_state_between_requests(
+    tmp_path: Path, mount_factory: Callable[..., Any]
+) -> None:
+    real = tmp_path / "data"
+    real.mkdir()
+    mount = mount_factory(str(real), LocalOnly())
+    fs = mount._fs
+    statfs = fs.statfs
+    mine = threading.local()  # lives in the thread state: gone with it
+    calls: list[tuple[int, bool]] = []
+
+    def recording(path: str | None) -> Any:
+        calls.append((threading.get_ident(), getattr(mine, "seen", False)))
+        mine.seen = True
+        return statfs(path)
+
+    fs.statfs = recording
+    for _ in range(40):  # more requests than libfuse has worker threads
+        os.statvfs(real)
+    workers = {ident for ident, _ in calls}
+    assert len(calls) == 40 and len(workers) < 40
+    # every call after a thread's first found what that thread's earlier call left
+    first_seen = {ident: seen for ident, seen in reversed(calls)}
+    assert not any(first_seen.values())
+    assert sum(seen for _, seen in calls) == 40 - len(workers)
