@@ -6,7 +6,8 @@ How it works
     the sender finishes what could not be written at once, the reader feeds the Connection
     and dispatches: Ack/Nack/ResyncReply resolve the ``Pending`` of their id; Requests, resync
     queries and Pings go to ``handler(event) -> reply`` in the reader thread, in stream order
-    (the secondary applies ops there). ``Link.submit(make)`` allocates the next id, encodes and
+    (the secondary applies ops there), and ``on_idle()`` runs in the reader once the answers
+    of a burst are written. ``Link.submit(make)`` allocates the next id, encodes and
     queues the frame under one lock, so frames leave in the order of the calls: callers that
     need an order across threads (the replicator) call it under their own ordering lock and
     wait for the answer outside it (pipelining).
@@ -172,6 +173,7 @@ class Link:
         *,
         handler: Handler | None = None,
         on_close: Callable[[Link, str], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
         log: logging.Logger | None = None,
         name: str = "link",
     ) -> None:
@@ -180,6 +182,7 @@ class Link:
         self.name = name
         self.handler = handler
         self.on_close = on_close
+        self.on_idle = on_idle
         self.log = log or logging.getLogger(__name__)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -381,6 +384,8 @@ class Link:
                 ev = self.conn.next_event()
                 if ev is None:
                     self._flush_replies()  # nothing left to apply: acknowledge the burst
+                    if self.on_idle is not None:
+                        self.on_idle()  # after the acks: nobody waits for this
                     n = self.sock.recv_into(rview)
                     self.bytes_received += n
                     self.conn.receive_data(rview[:n])

@@ -1,9 +1,12 @@
-"""System calls the ``os`` module lacks, for the primary's FUSE filesystem (fusefs.py).
+"""System calls the ``os`` module lacks, for the primary's FUSE filesystem (fusefs.py), the
+receiver and the resync target.
 
 How it works
     ``_renameat2`` and ``_fallocate`` are the C library's ``renameat2(2)`` and ``fallocate(2)``,
     bound with ctypes (``use_errno``) when the module is imported; they return the C result,
     and ``_raise_errno`` turns a non-zero one into ``OSError`` with the call's errno.
+    ``start_writeback(fd, offset, length)`` is ``sync_file_range(SYNC_FILE_RANGE_WRITE)``:
+    the range's dirty pages start going to disk, nothing waits, errors are ignored (a hint).
     ``_pwrite_all`` repeats ``os.pwrite`` until every byte is written (a pwrite may write
     fewer). The flag constants are the kernel's values for those calls.
 
@@ -34,6 +37,17 @@ _renameat2.restype = ctypes.c_int
 _fallocate = _libc.fallocate
 _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _fallocate.restype = ctypes.c_int
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_sync_file_range.restype = ctypes.c_int
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Start writing ``[offset, offset + length)`` of ``fd`` to disk (length 0: to the end)
+    without waiting: a later fsync then finds the data written and only flushes the disk's
+    cache. Advisory: errors are ignored."""
+    _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 def _raise_errno(result: int) -> None:

@@ -20,6 +20,14 @@ Handles. ``Open``/``Create`` bind the primary's ``fh`` to a descriptor of a regu
 ``Truncate``, ``Fallocate`` and ``Fsync`` by handle use it; ``Release`` closes it.
 ``release_all()`` drops every handle (a new connection); ``close()`` also closes the root.
 
+Early writeback. A file the primary fsyncs by handle (a database's log) will be fsync'd
+again soon: what a ``Write`` puts in it afterwards is remembered, and ``kick_writeback()``
+(called by the link's reader once the acks of a burst are out, so no ack waits for it)
+starts writing that range to disk (sync_file_range WRITE). The next Fsync then finds the
+data on its way and only waits for it and the disk's cache flush: measured on the lab's
+disk, 4 KiB fdatasync 49 to 50 us instead of 99 to 104 when the writeback started 150 us
+earlier. Files never fsync'd are left to the kernel's writeback.
+
 Modes and owners. Created objects get exactly ``mode & 0o7777`` (our umask is not applied)
 and the owner sent, -1 meaning "leave it". Mknod makes regular files, FIFOs and sockets only.
 
@@ -39,12 +47,13 @@ import ctypes
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Final
 
 from app.mirror import ops
 from app.mirror.errors import ApplyError, PathEscape
+from app.mirror.fusefs_sys import start_writeback
 from app.mirror.ops import Op
 from app.mirror.protocol import MAX_MESSAGE, Ack, Nack, Request, path_problem
 
@@ -113,11 +122,20 @@ class Receiver:
     """Applies ops under ``root``; see the module docstring."""
 
     def __init__(
-        self, root: str | bytes | os.PathLike[str] | os.PathLike[bytes], *, openat2: bool = True
+        self,
+        root: str | bytes | os.PathLike[str] | os.PathLike[bytes],
+        *,
+        openat2: bool = True,
+        writeback: Callable[[int, int, int], None] = start_writeback,
     ) -> None:
         self._root = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._handles: dict[int, int] = {}
         self._openat2 = openat2
+        # early writeback (see the module docstring): handles that were fsync'd, and the
+        # range each of their descriptors was written in since the last kick_writeback()
+        self._writeback = writeback
+        self._synced: set[int] = set()
+        self._written: dict[int, tuple[int, int]] = {}  # fd -> (start, end)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -130,8 +148,22 @@ class Receiver:
         """The descriptor bound to the primary's handle ``fh`` (None: not bound)."""
         return self._handles.get(fh)
 
+    def kick_writeback(self) -> None:
+        """Start the writeback of what was written, since the last call, to files the
+        primary fsyncs (the reader calls it once the acks of a burst are out)."""
+        written, self._written = self._written, {}
+        for fd, (start, end) in written.items():
+            self._writeback(fd, start, end - start)
+
+    def _wrote(self, fh: int, fd: int, start: int, end: int) -> None:
+        if fh in self._synced:
+            old = self._written.get(fd, (start, end))
+            self._written[fd] = (min(old[0], start), max(old[1], end))
+
     def release_all(self) -> None:
         """Close every bound handle (the connection that opened them is gone)."""
+        self._synced.clear()
+        self._written.clear()
         handles, self._handles = self._handles, {}
         for fd in handles.values():
             os.close(fd)
@@ -186,7 +218,10 @@ class Receiver:
             case ops.Create():
                 self._create(op)
             case ops.Release(fh=fh):
-                os.close(self._fd(fh))
+                fd = self._fd(fh)
+                self._written.pop(fd, None)
+                self._synced.discard(fh)
+                os.close(fd)
                 del self._handles[fh]
             case ops.WriteV(fh=fh, parts=parts):
                 fd = self._fd(fh)
@@ -198,9 +233,11 @@ class Receiver:
             case ops.Write(fh=fh, offset=offset, data=data):
                 fd = self._fd(fh)
                 view = memoryview(data)
+                start = offset
                 while view:
                     written = os.pwrite(fd, view, offset)
                     view, offset = view[written:], offset + written
+                self._wrote(fh, fd, start, offset)
             case ops.Truncate(fh=fh, path=path, length=length):
                 if fh != -1:
                     os.ftruncate(self._fd(fh), length)
@@ -219,7 +256,10 @@ class Receiver:
             case ops.Fsync(fh=fh, path=path, datasync=datasync):
                 sync = os.fdatasync if datasync else os.fsync
                 if fh != -1:
-                    sync(self._fd(fh))
+                    fd = self._fd(fh)
+                    self._written.pop(fd, None)  # this flush writes it
+                    sync(fd)
+                    self._synced.add(fh)
                 elif path == b"":
                     sync(self._root)
                 else:

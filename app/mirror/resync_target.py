@@ -52,6 +52,8 @@ from typing import Final
 
 from app.mirror import ops
 from app.mirror.errors import ApplyError
+from app.mirror.fusefs_sys import SYNC_FILE_RANGE_WRITE as SYNC_FILE_RANGE_WRITE
+from app.mirror.fusefs_sys import start_writeback as start_writeback
 from app.mirror.protocol import (
     Ack,
     Event,
@@ -98,10 +100,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _syncfs = _libc.syncfs
 _syncfs.argtypes = (ctypes.c_int,)
 _syncfs.restype = ctypes.c_int
-_sync_file_range = _libc.sync_file_range
-_sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-_sync_file_range.restype = ctypes.c_int
-SYNC_FILE_RANGE_WRITE: Final = 2
 WRITEBACK_BYTES: Final = 8 << 20  # a resync handle's bytes written before its writeback starts
 FLUSHER_IDLE_WAITS: Final = 5  # seconds without work after which the writeback thread ends
 DROP_MAX: Final = 65536  # files whose cached pages are dropped after a session (the rest stay)
@@ -115,12 +113,6 @@ def syncfs(fd: int) -> None:
     if _syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-def start_writeback(fd: int) -> None:
-    """Start writing the file's dirty pages to disk without waiting (sync_file_range WRITE):
-    the flush at the end of the session then finds little left. Advisory: errors ignored."""
-    _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
 
 def _drop_cached(root: int, paths: list[bytes]) -> None:

@@ -350,7 +350,21 @@ class MirrorService:
                         d.responder.release_all()
             self.last_error = f"replication link closed: {reason}"
 
-        link = Link(sock, conn, handler=handler, on_close=on_close, log=self.log, name="recv")
+        def on_idle() -> None:
+            for d in cell:
+                with d.lock:
+                    if d.link is link:
+                        d.responder.receiver.kick_writeback()
+
+        link = Link(
+            sock,
+            conn,
+            handler=handler,
+            on_close=on_close,
+            on_idle=on_idle,
+            log=self.log,
+            name="recv",
+        )
         link.start()
 
     def _stop_secondary(self) -> None:

@@ -22,7 +22,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 KEY = b"k" * 32
 
 
-def _pair(handler: Callable[[Event], Event | None]) -> tuple[Link, Link, list[str]]:
+def _pair(
+    handler: Callable[[Event], Event | None], on_idle: Callable[[], None] | None = None
+) -> tuple[Link, Link, list[str]]:
     a, b = socket.socketpair()
     prim = Connection(Role.PRIMARY, cluster="c", node="n1", key=KEY, peer="n2")
     sec = Connection(Role.SECONDARY, cluster="c", node="n2", key=KEY, peer="n1")
@@ -32,7 +34,7 @@ def _pair(handler: Callable[[Event], Event | None]) -> tuple[Link, Link, list[st
     t.join(5.0)
     closed: list[str] = []
     client = Link(a, prim, on_close=lambda _lk, why: closed.append(why), name="client").start()
-    server = Link(b, sec, handler=handler, name="server").start()
+    server = Link(b, sec, handler=handler, on_idle=on_idle, name="server").start()
     return client, server, closed
 
 
@@ -187,6 +189,38 @@ def test_a_resync_answer_goes_out_before_the_ops_queued_behind_it_are_applied() 
     finally:
         r0_holds.set()
         r1_holds.set()
+        client.close("test over")
+        server.close("test over")
+        client.join(5.0)
+        server.join(5.0)
+
+
+def test_the_idle_hook_runs_after_the_answers_are_out() -> None:
+    """``on_idle`` (the receiver's early writeback) runs once a burst is answered: an ack
+    never waits for it."""
+    idle_may_return = threading.Event()
+    handled: list[int] = []
+    idle_after: list[int] = []
+
+    def handler(ev: Event) -> Event | None:
+        handled.append(1)
+        return _ack(ev)
+
+    def on_idle() -> None:  # also runs before any frame came: then it does not block
+        if handled:
+            idle_after.append(len(handled))
+            idle_may_return.wait(10.0)  # held until the test saw the ack
+
+    client, server, _closed = _pair(handler, on_idle)
+    try:
+        answer = client.submit(_fsync(0)).wait(5.0)  # answered while on_idle is held
+        assert isinstance(answer, Ack)
+        deadline = time.monotonic() + 5.0
+        while not idle_after and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert idle_after == [1]
+    finally:
+        idle_may_return.set()
         client.close("test over")
         server.close("test over")
         client.join(5.0)

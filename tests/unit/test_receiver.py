@@ -460,3 +460,45 @@ def test_falls_back_to_the_walk_when_openat2_is_missing(
             rx.apply(ops.Mkdir(b"evil/sub/new", 0o755, -1, -1))
     assert (root / "dir" / "sub").is_dir()
     assert snapshot(outside) == before
+
+
+def test_writes_to_a_file_the_primary_fsyncs_get_their_writeback_started(tmp_path: Path) -> None:
+    """Early writeback: after an Fsync by handle, the ranges written to that handle are
+    handed to ``writeback`` by ``kick_writeback`` (merged per descriptor); other files and
+    ranges already flushed by an Fsync are not, and a Release forgets the handle."""
+    root = tmp_path / "root"
+    root.mkdir()
+    kicked: list[tuple[int, int, int]] = []
+    r = Receiver(root, writeback=lambda fd, off, ln: kicked.append((fd, off, ln)))
+    try:
+        r.apply(ops.Create(1, b"log", 0o644, -1, -1, False))
+        r.apply(ops.Create(2, b"data", 0o644, -1, -1, False))
+        log_fd, data_fd = r.fd_of(1), r.fd_of(2)
+        r.apply(ops.Write(1, 0, b"a" * 100))  # not fsync'd yet: the kernel's business
+        r.apply(ops.Write(2, 0, b"b" * 100))
+        r.kick_writeback()
+        assert kicked == []
+        r.apply(ops.Fsync(1, b"", True))
+        r.apply(ops.Write(1, 4096, b"c" * 10))
+        r.apply(ops.Write(1, 100, b"d" * 50))
+        r.apply(ops.Write(2, 200, b"e" * 10))  # never fsync'd
+        r.kick_writeback()
+        assert kicked == [(log_fd, 100, 4096 + 10 - 100)]
+        r.kick_writeback()  # nothing new
+        assert len(kicked) == 1
+        r.apply(ops.Write(1, 0, b"f"))
+        r.apply(ops.Fsync(1, b"", True))  # this flush writes it: nothing left to start
+        r.kick_writeback()
+        assert len(kicked) == 1
+        r.apply(ops.Write(1, 8192, b"g"))
+        r.apply(ops.Release(1))  # the descriptor is closed: its range is dropped
+        r.kick_writeback()
+        assert len(kicked) == 1
+        r.apply(ops.Open(3, b"log"))  # a new handle starts unsynced
+        r.apply(ops.Write(3, 0, b"h"))
+        r.kick_writeback()
+        assert len(kicked) == 1
+        assert data_fd is not None
+    finally:
+        r.close()
+    assert (root / "log").read_bytes()[:1] == b"h"
