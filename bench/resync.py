@@ -386,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Reintegration after a peer's absence and full sync, against rsync and cp.",
     )
     ap.add_argument("--size-mb", type=int, default=1024, help="tree size in MiB (1024)")
-    ap.add_argument("--change-pct", type=float, default=1.0, help="%% of the data changed meanwhile (1)")
+    ap.add_argument(
+        "--change-pct", type=float, default=1.0, help="%% of the data changed meanwhile (1)"
+    )
     ap.add_argument("--timeout", type=float, default=1200.0, help="bound of every wait, s")
     ap.add_argument(
         "--rounds", type=int, default=3, help="reintegration rounds, median reported (3)"
