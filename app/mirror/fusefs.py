@@ -31,7 +31,12 @@ How it works
     changed data is released, and after a truncate by path, a ``Utimens`` with the local
     atime/mtime follows (its local step does nothing): closed files end with equal times.
     UTIME_NOW and UTIME_OMIT are resolved here, so ``Utimens`` always carries real values.
-    O_SYNC/O_DSYNC handles follow each ``Write`` with an ``Fsync`` op.
+    O_SYNC/O_DSYNC: the kernel follows each write to such a file with an FSYNC request, in the
+    same write(2) call (generic_write_sync; fsync for O_SYNC, fdatasync for O_DSYNC), and that
+    fsync is replicated like any other. So the local descriptors are opened without those
+    flags, and a write sends no Fsync of its own: each was a second round trip and a second
+    flush per write (a 4 KiB O_DSYNC write took 820 us in the lab, as against 513 us for the
+    same write + fdatasync).
 
     Exclusions (``exclude``, patterns as in exclude.py): a change to an excluded path is made
     locally only, without ``replicator.apply`` (neither sent nor journaled); a handle opened
@@ -323,8 +328,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         rel = rel_path(path)
         accmode = flags & os.O_ACCMODE
         writable = accmode != os.O_RDONLY or bool(flags & os.O_TRUNC)
-        sync_bits = flags & (os.O_SYNC | os.O_DSYNC)
-        base = os.O_CLOEXEC | os.O_NOFOLLOW | sync_bits
+        base = os.O_CLOEXEC | os.O_NOFOLLOW  # no O_SYNC/O_DSYNC: see the module docstring
         if not writable:
             fd = os.open(rel, os.O_RDONLY | base, dir_fd=self._root)
             return self._new_handle(fd, flags, writable=False)
@@ -359,17 +363,11 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
     def _register(
         self, fh: int, fd: int, flags: int, writable: bool = True, replicated: bool = True
     ) -> None:
-        sync: bool | None = None
-        if (flags & os.O_SYNC) == os.O_SYNC:
-            sync = False
-        elif flags & os.O_DSYNC:
-            sync = True
         ino = os.fstat(fd).st_ino
         handle = _Handle(
             fd=fd,
             writable=writable,
             append=bool(flags & os.O_APPEND),
-            sync=sync,
             lock=self._inode_lock(ino),
             replicated=replicated,
         )
@@ -385,8 +383,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         uid, gid, _setgid = self._creator(rel)
         perm = stat.S_IMODE(mode)
         excl = bool(flags & os.O_EXCL)
-        sync_bits = flags & (os.O_SYNC | os.O_DSYNC)
-        base = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | sync_bits
+        base = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW  # no O_SYNC/O_DSYNC (module docstring)
         fh = self._reserve_fh()
         replicated = not self._excluded(rel, is_dir=False)
 
@@ -451,8 +448,6 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
                 lambda: _pwrite_all(handle.fd, data, offset),
             )
             handle.wrote = True
-            if handle.sync is not None and handle.replicated:
-                self._replicator.apply(ops.Fsync(fh, b"", handle.sync), lambda: None)
         return len(data)
 
     @fuse_errors

@@ -36,7 +36,6 @@ class _Handle:
     fd: int
     writable: bool
     append: bool
-    sync: bool | None  # None: plain; False: O_SYNC (fsync); True: O_DSYNC (fdatasync)
     lock: threading.Lock
     wrote: bool = False
     replicated: bool = True  # False: opened by an excluded name, changes stay local

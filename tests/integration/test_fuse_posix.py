@@ -467,14 +467,23 @@ def test_fsync_fdatasync_and_o_dsync_are_forwarded(mirror: Mirror) -> None:
         ops.Fsync(fh, b"", False),
         ops.Fsync(fh, b"", True),
     ]
-    fd = os.open(mirror.p("db"), os.O_WRONLY | os.O_DSYNC)
-    try:
-        os.write(fd, b"b")
-    finally:
-        os.close(fd)
-    recorded = mirror.rec.take()
-    index = next(i for i, op in enumerate(recorded) if isinstance(op, ops.Write))
-    assert recorded[index + 1] == ops.Fsync(recorded[index].fh, b"", True)  # type: ignore[union-attr]
+    # O_DSYNC / O_SYNC: the kernel's own fsync after each write is what is forwarded, once
+    # per write (fdatasync for O_DSYNC, fsync for O_SYNC), before the write returns
+    for flag, datasync in ((os.O_DSYNC, True), (os.O_SYNC, False)):
+        fd = os.open(mirror.p("db"), os.O_WRONLY | flag)
+        try:
+            os.write(fd, b"b")
+            after_first = mirror.rec.take()
+            os.pwrite(fd, b"c", 1)
+        finally:
+            os.close(fd)
+        recorded = after_first + mirror.rec.take()
+        writes = [i for i, op in enumerate(recorded) if isinstance(op, ops.Write)]
+        syncs = [i for i, op in enumerate(recorded) if isinstance(op, ops.Fsync)]
+        assert len(writes) == 2 and len(syncs) == 2, recorded
+        fh = recorded[writes[0]].fh  # type: ignore[union-attr]
+        assert [recorded[i + 1] for i in writes] == [ops.Fsync(fh, b"", datasync)] * 2
+        assert syncs[0] < len(after_first)  # forwarded before write() returned
     dfd = os.open(mirror.p(), os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
