@@ -216,6 +216,10 @@ class _Binding(mfusepy.FUSE):  # type: ignore[misc]
 MOUNT_OPTIONS: dict[str, bool | str] = {
     "default_permissions": True,  # the kernel checks modes/owners against getattr
     "allow_other": True,  # the application may run as any user (we are root)
+    # above libfuse's 10 worker threads, so no idle worker ever ends (each keeps its Python
+    # thread state, _keep_thread_state); libfuse 3.14's default (unlimited) also made it log
+    # "Ignoring invalid max threads value 4294967295" at every mount
+    "max_idle_threads": "100",
 }
 
 

@@ -46,3 +46,18 @@ def test_a_worker_thread_keeps_its_python_state_between_requests(
     first_seen = {ident: seen for ident, seen in reversed(calls)}
     assert not any(first_seen.values())
     assert sum(seen for _, seen in calls) == 40 - len(workers)
+
+
+def test_mounting_prints_no_libfuse_warning(
+    tmp_path: Path, mount_factory: Callable[..., Any], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """libfuse 3.14 printed "Ignoring invalid max threads value 4294967295" on stderr at
+    every mount with its default idle-thread setting; an admin reading the daemon's log should
+    not have to wonder about it."""
+    real = tmp_path / "data"
+    real.mkdir()
+    mount = mount_factory(str(real), LocalOnly())
+    (real / "f").write_bytes(b"x")  # through the mount
+    assert (real / "f").read_bytes() == b"x"
+    mount.stop()
+    assert "Ignoring invalid" not in capfd.readouterr().err
