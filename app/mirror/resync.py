@@ -98,10 +98,8 @@ from app.mirror.resync_source import WINDOW_BYTES as WINDOW_BYTES
 from app.mirror.resync_source import WINDOW_OPS as WINDOW_OPS
 from app.mirror.resync_source import Reintegrator as Reintegrator
 from app.mirror.resync_target import FLUSHER_IDLE_WAITS as FLUSHER_IDLE_WAITS
-from app.mirror.resync_target import SYNC_FILE_RANGE_WRITE as SYNC_FILE_RANGE_WRITE
 from app.mirror.resync_target import WRITEBACK_BYTES as WRITEBACK_BYTES
 from app.mirror.resync_target import Responder as Responder
-from app.mirror.resync_target import start_writeback as start_writeback
 from app.mirror.resync_target import syncfs as syncfs
 
 __all__ = [

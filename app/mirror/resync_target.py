@@ -52,8 +52,7 @@ from typing import Final
 
 from app.mirror import ops
 from app.mirror.errors import ApplyError
-from app.mirror.fusefs_sys import SYNC_FILE_RANGE_WRITE as SYNC_FILE_RANGE_WRITE
-from app.mirror.fusefs_sys import start_writeback as start_writeback
+from app.mirror.fusefs_sys import start_writeback
 from app.mirror.protocol import (
     Ack,
     Event,
