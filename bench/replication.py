@@ -39,6 +39,14 @@ How it works
     the figures, never asserted: sequential >= 80 % of that limit, fsync'd 4 KiB >= 35 % of
     local ops/s, pgbench >= 50 % of local TPS.
 
+    Where the time goes: for ``sync4k`` and ``pgbench`` the benchmark also prints the CPU
+    that serves each operation (each transaction for pgbench), in microseconds: for ``fuse``
+    this process's (the FUSE-only mount's threads run in it), for ``replicated`` each
+    daemon's, node1 (the primary) and node2 (the secondary), read from /proc/<pid>/stat
+    around the timed part. The daemons' idle CPU (heartbeats, decision ticks) is measured
+    over ``IDLE_S`` before the first workload and printed too: it is included in the
+    per-operation figures, not subtracted.
+
     Output: one line per figure, then one JSON line (the last line) with everything.
 
 Exceptions
@@ -85,6 +93,7 @@ TARGETS = ("local", "fuse", "replicated")
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_PORT = 5432
 WORKLOAD_TIMEOUT_S = 900.0
+IDLE_S = 2.0  # how long the daemons' idle CPU is measured before the first workload
 GOALS = {"seq_of_limit": 0.80, "sync4k_of_local": 0.35, "pgbench_of_local": 0.50}
 
 WORKLOAD = r'''
@@ -182,6 +191,15 @@ class Targets:
         except (subprocess.TimeoutExpired, LabError) as exc:
             raise BenchError(f"{target}: {' '.join(argv[:3])}... did not finish: {exc}") from exc
 
+    def cpu(self, target: str) -> dict[str, float]:
+        """CPU seconds used so far by what serves ``target``: this process (the FUSE-only
+        mount's threads), or each daemon of the pair; nothing for the local disk."""
+        if target == "fuse":
+            return {"fuse": time.process_time()}
+        if target == "replicated":
+            return {n: cpu_seconds(self.cluster.daemon_pid(n)) for n in ("node1", "node2")}
+        return {}
+
     def checked(self, target: str, argv: list[str], timeout: float = WORKLOAD_TIMEOUT_S) -> str:
         proc = self.run(target, argv, timeout)
         if proc.returncode != 0:
@@ -196,6 +214,19 @@ KEY_OF = {"seq": "mb_s", "sync4k": "ops_s", "meta": "ops_s", "metanew": "ops_s"}
 META_DIR = "meta"  # made in each target before the pair forms: a directory the peer has
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid``, all its threads (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_op(before: dict[str, float], after: dict[str, float], ops: int) -> dict[str, float]:
+    """Microseconds of CPU per operation, for each process measured."""
+    if ops <= 0:
+        return {}
+    return {k: round((after[k] - before[k]) / ops * 1e6, 1) for k in before}
+
+
 def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     """The run whose ``key`` is the median (the lower middle one of an even count)."""
     ordered = sorted(runs, key=lambda r: float(r[key]))
@@ -204,11 +235,15 @@ def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 def workload(t: Targets, script: Path, target: str, kind: str, n: int) -> dict[str, Any]:
     subprocess.run(["sync"], check=False, timeout=600)  # untimed: no writeback left over
+    before = t.cpu(target)
     out = t.checked(target, [sys.executable, str(script), kind, t.dirs[target], str(n)])
+    after = t.cpu(target)
     try:
         result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError) as exc:
         raise BenchError(f"{target} {kind}: no JSON from the workload: {out[-300:]!r}") from exc
+    if "ops" in result:
+        result["cpu_us_per_op"] = cpu_per_op(before, after, int(result["ops"]))
     return result
 
 
@@ -276,19 +311,23 @@ def pgbench(
         t.checked(target, as_postgres(*bench, "-i", "-q", "-s", str(scale), "postgres"), 900)
         init_s = time.monotonic() - t0
         jobs = str(min(clients, 2))
+        before = t.cpu(target)
         out = t.checked(
             target,
             as_postgres(*bench, "-T", str(seconds), "-c", str(clients), "-j", jobs, "postgres"),
             timeout=seconds + 300,
         )
+        after = t.cpu(target)
         m = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out)
         if m is None:
             raise BenchError(f"{target}: no TPS in pgbench's output: {out[-500:]!r}")
         txn = re.search(r"number of transactions actually processed: (\d+)", out)
+        transactions = int(txn.group(1)) if txn else None
         return {
             "tps": float(m.group(1)),
-            "transactions": int(txn.group(1)) if txn else None,
+            "transactions": transactions,
             "init_s": round(init_s, 2),
+            "cpu_us_per_op": cpu_per_op(before, after, transactions or 0),
         }
     finally:
         if started or postmaster_pid(t, target, datadir) is not None:
@@ -323,6 +362,17 @@ def fmt(v: float | None, spec: str = ".1f") -> str:
 
 def pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.0f} %"
+
+
+def cpu_text(per: dict[str, float]) -> str:
+    """``{"node1": 180.0, "node2": 110.5}`` -> ``"180+110"``; "-" when nothing was measured."""
+    return "+".join(f"{v:.0f}" for v in per.values()) or "-"
+
+
+def cpu_row(
+    label: str, per_target: dict[str, dict[str, float]], say: Callable[[str], None]
+) -> None:
+    say(f"{label:<34}" + "".join(f"{cpu_text(per_target.get(t, {})):>12}" for t in TARGETS))
 
 
 def goal_word(v: float | None, goal: float) -> str:
@@ -435,6 +485,11 @@ def measure(args: argparse.Namespace, result: dict[str, Any], say: Callable[[str
         cluster.first_start(timeout=120)
         say(f"pair formed: {cluster.describe()}")
         t = Targets(lab, cluster, fuse_dir, local_dir)
+        idle = t.cpu("replicated")
+        time.sleep(IDLE_S)
+        result["daemon_idle_cpu_pct"] = {
+            k: round((v - idle[k]) / IDLE_S * 100, 1) for k, v in t.cpu("replicated").items()
+        }
 
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {
             kind: {target: [] for target in TARGETS} for kind in KEY_OF
@@ -512,6 +567,10 @@ def figures(
     result["meta_ops_s"] = {k: rnd(v["ops_s"], 1) for k, v in meta.items()}
     result["meta_new_dir_ops_s"] = {k: rnd(v["ops_s"], 1) for k, v in metanew.items()}
     result["pgbench_tps"] = {k: rnd(v["tps"]) for k, v in pg.items()} if pg else None
+    result["cpu_us_per_op"] = {
+        "sync4k": {k: v.get("cpu_us_per_op", {}) for k, v in sync.items()},
+        "pgbench": {k: v.get("cpu_us_per_op", {}) for k, v in pg.items()} if pg else None,
+    }
     result["pgbench"] = pg
     ratios: dict[str, dict[str, float | None]] = {}
     pairs: list[tuple[str, dict[str, float]]] = [
@@ -571,6 +630,7 @@ def report(result: dict[str, Any], say: Callable[[str], None]) -> None:
     )
     say(f"{'  p50 latency ms':<34}" + "".join(f"{sync[t]['p50_ms']:>12.3f}" for t in TARGETS))
     row("  p99 latency ms", {k: v["p99_ms"] for k, v in sync.items()}, "sync4k_p99", ".3f")
+    cpu_row("  CPU us per op", result["cpu_us_per_op"]["sync4k"], say)
     row(f"create/rename/unlink ops/s ({s['meta_rounds']}x3)", result["meta_ops_s"], "meta", ".0f")
     row("  the same in a new directory", result["meta_new_dir_ops_s"], "meta_new_dir", ".0f")
     if result["pgbench_tps"]:
@@ -580,6 +640,7 @@ def report(result: dict[str, Any], say: Callable[[str], None]) -> None:
             result["pgbench_tps"],
             "pgbench",
         )
+        cpu_row("  CPU us per transaction", result["cpu_us_per_op"]["pgbench"], say)
     else:
         say("pgbench: skipped (--skip-pgbench)")
     rounds = s.get("rounds", 1)
@@ -597,6 +658,13 @@ def report(result: dict[str, Any], say: Callable[[str], None]) -> None:
                 + "".join(f"  {t} {min(spread[t]):.0f}..{max(spread[t]):.0f}" for t in TARGETS)
                 + f" {unit}"
             )
+    idle = result.get("daemon_idle_cpu_pct") or {}
+    say(
+        "CPU: fuse = this process (the FUSE-only mount's threads); replicated = node1 + node2, "
+        "each daemon's; idle daemons use "
+        + ", ".join(f"{k} {v:.1f} %" for k, v in idle.items())
+        + " of a core (included above)"
+    )
     say(
         f"sequential: both copies share one disk, physical limit = local/2 = "
         f"{result['seq_limit_mb_s']:.1f} MB/s; replicated = {pct(result['seq_of_limit'])} of it"

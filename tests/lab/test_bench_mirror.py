@@ -126,6 +126,15 @@ def test_replication_quick_prints_every_figure_as_json_and_cleans_up() -> None:
         "pgbench_ge_50pct_of_local",
     }
     assert all(isinstance(v, bool) for v in result["goals"].values()), result["goals"]
+    # The CPU that served each op: this process for fuse, each daemon for replicated.
+    for kind in ("sync4k", "pgbench"):
+        cpu = result["cpu_us_per_op"][kind]
+        assert cpu["local"] == {}, cpu
+        _positive(cpu["fuse"]["fuse"], f"{kind} CPU of the FUSE-only mount")
+        for node in ("node1", "node2"):
+            _positive(cpu["replicated"][node], f"{kind} CPU of {node}'s daemon")
+    assert set(result["daemon_idle_cpu_pct"]) == {"node1", "node2"}
+    assert all(v >= 0 for v in result["daemon_idle_cpu_pct"].values())
     # The replicated target really went through the mirror: node2 acknowledged every op.
     mirror = result["replicated_mirror"]
     assert mirror["mirror_state"] == "connected", mirror
@@ -137,6 +146,9 @@ def test_replication_quick_prints_every_figure_as_json_and_cleans_up() -> None:
         "create/rename/unlink",
         "a new directory",
         "pgbench",
+        "CPU us per op",
+        "CPU us per transaction",
+        "idle daemons use",
         "goals",
     ):
         assert label in table, table
