@@ -44,9 +44,11 @@ How it works
     that serves each operation (each transaction for pgbench), in microseconds: for ``fuse``
     this process's (the FUSE-only mount's threads run in it), for ``replicated`` each
     daemon's, node1 (the primary) and node2 (the secondary), read from /proc/<pid>/stat
-    around the timed part. The daemons' idle CPU (heartbeats, decision ticks) is measured
-    over ``IDLE_S`` before the first workload and printed too: it is included in the
-    per-operation figures, not subtracted.
+    around the timed part; for ``sync4k`` also how many times per op the application's
+    threads and those processes' went to sleep (voluntary context switches: each one is a
+    wake-up later, and each costs tens of microseconds of CPU in a VM). The daemons' idle
+    CPU (heartbeats, decision ticks) is measured over ``IDLE_S`` before the first workload
+    and printed too: it is included in the per-operation figures, not subtracted.
 
     Output: one line per figure, then one JSON line (the last line) with everything.
 
@@ -99,7 +101,7 @@ GOALS = {"seq_of_limit": 0.80, "sync4k_of_local": 0.35, "pgbench_of_local": 0.50
 
 WORKLOAD = r'''
 """One benchmark workload on one directory; prints one JSON line."""
-import json, os, sys, time
+import json, os, resource, sys, time
 
 def seq(d, mib):
     path = os.path.join(d, "seq.bin")
@@ -131,6 +133,7 @@ def sync4k(d, n):
     fd = os.open(path, os.O_RDWR)
     block = os.urandom(4096)
     lat = []
+    slept = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
     t0 = time.perf_counter()
     for i in range(n):
         a = time.perf_counter()
@@ -138,12 +141,13 @@ def sync4k(d, n):
         os.fdatasync(fd)
         lat.append(time.perf_counter() - a)
     t1 = time.perf_counter()
+    slept = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - slept
     os.close(fd)
     os.unlink(path)
     lat.sort()
     rank = lambda p: lat[max(0, -(-len(lat) * p // 100) - 1)]
     return {"ops": n, "seconds": t1 - t0, "ops_s": n / (t1 - t0),
-            "p50_ms": rank(50) * 1000, "p99_ms": rank(99) * 1000}
+            "p50_ms": rank(50) * 1000, "p99_ms": rank(99) * 1000, "app_sleeps": slept}
 
 def meta_in(sub, n):  # names of this run only: no path an earlier round recorded
     t0 = time.perf_counter()
@@ -207,6 +211,14 @@ class Targets:
             return {n: cpu_seconds(self.cluster.daemon_pid(n)) for n in ("node1", "node2")}
         return {}
 
+    def sleeps(self, target: str) -> dict[str, int]:
+        """Times the threads of what serves ``target`` went to sleep so far (as ``cpu``)."""
+        if target == "fuse":
+            return {"fuse": sleeps_of(os.getpid())}
+        if target == "replicated":
+            return {n: sleeps_of(self.cluster.daemon_pid(n)) for n in ("node1", "node2")}
+        return {}
+
     def checked(self, target: str, argv: list[str], timeout: float = WORKLOAD_TIMEOUT_S) -> str:
         proc = self.run(target, argv, timeout)
         if proc.returncode != 0:
@@ -234,6 +246,24 @@ def cpu_per_op(before: dict[str, float], after: dict[str, float], ops: int) -> d
     return {k: round((after[k] - before[k]) / ops * 1e6, 1) for k in before}
 
 
+def sleeps_of(pid: int) -> int:
+    """Voluntary context switches of every thread of process ``pid`` so far (/proc)."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            for line in status.read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def sleeps_per_op(before: dict[str, int], after: dict[str, int], ops: int) -> dict[str, float]:
+    """Sleeps (voluntary context switches) per operation, for each process measured."""
+    if ops <= 0:
+        return {}
+    return {k: round((after[k] - before[k]) / ops, 1) for k in before}
+
+
 def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     """The run whose ``key`` is the median (the lower middle one of an even count)."""
     ordered = sorted(runs, key=lambda r: float(r[key]))
@@ -244,15 +274,18 @@ def workload(t: Targets, script: Path, target: str, kind: str, n: int) -> dict[s
     if kind == "sync4k":  # its file first, in a run of its own: neither timed nor counted
         t.checked(target, [sys.executable, str(script), "prep4k", t.dirs[target], str(n)])
     subprocess.run(["sync"], check=False, timeout=600)  # untimed: no writeback left over
-    before = t.cpu(target)
+    before, slept = t.cpu(target), t.sleeps(target)
     out = t.checked(target, [sys.executable, str(script), kind, t.dirs[target], str(n)])
-    after = t.cpu(target)
+    after, woke = t.cpu(target), t.sleeps(target)
     try:
         result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError) as exc:
         raise BenchError(f"{target} {kind}: no JSON from the workload: {out[-300:]!r}") from exc
     if "ops" in result:
         result["cpu_us_per_op"] = cpu_per_op(before, after, int(result["ops"]))
+        result["sleeps_per_op"] = sleeps_per_op(slept, woke, int(result["ops"]))
+        if "app_sleeps" in result:
+            result["sleeps_per_op"]["app"] = round(result["app_sleeps"] / int(result["ops"]), 1)
     return result
 
 
@@ -376,6 +409,12 @@ def pct(v: float | None) -> str:
 def cpu_text(per: dict[str, float]) -> str:
     """``{"node1": 180.0, "node2": 110.5}`` -> ``"180+110"``; "-" when nothing was measured."""
     return "+".join(f"{v:.0f}" for v in per.values()) or "-"
+
+
+def sleeps_text(per: dict[str, float], app: bool) -> str:
+    """The application's sleeps per op (``app``) or those of what serves it, "+"-joined:
+    ``{"app": 3.0, "node1": 6.5, "node2": 3.2}`` -> ``"3.0"`` / ``"6.5+3.2"``; "-" if none."""
+    return "+".join(f"{v:.1f}" for k, v in per.items() if (k == "app") == app) or "-"
 
 
 def cpu_row(
@@ -576,6 +615,7 @@ def figures(
     result["meta_ops_s"] = {k: rnd(v["ops_s"], 1) for k, v in meta.items()}
     result["meta_new_dir_ops_s"] = {k: rnd(v["ops_s"], 1) for k, v in metanew.items()}
     result["pgbench_tps"] = {k: rnd(v["tps"]) for k, v in pg.items()} if pg else None
+    result["sync4k_sleeps_per_op"] = {k: v.get("sleeps_per_op", {}) for k, v in sync.items()}
     result["cpu_us_per_op"] = {
         "sync4k": {k: v.get("cpu_us_per_op", {}) for k, v in sync.items()},
         "pgbench": {k: v.get("cpu_us_per_op", {}) for k, v in pg.items()} if pg else None,
@@ -640,6 +680,9 @@ def report(result: dict[str, Any], say: Callable[[str], None]) -> None:
     say(f"{'  p50 latency ms':<34}" + "".join(f"{sync[t]['p50_ms']:>12.3f}" for t in TARGETS))
     row("  p99 latency ms", {k: v["p99_ms"] for k, v in sync.items()}, "sync4k_p99", ".3f")
     cpu_row("  CPU us per op", result["cpu_us_per_op"]["sync4k"], say)
+    sleeps = result["sync4k_sleeps_per_op"]
+    for label, app in (("  sleeps per op, application", True), ("  sleeps per op, serving", False)):
+        say(f"{label:<34}" + "".join(f"{sleeps_text(sleeps[t], app):>12}" for t in TARGETS))
     row(f"create/rename/unlink ops/s ({s['meta_rounds']}x3)", result["meta_ops_s"], "meta", ".0f")
     row("  the same in a new directory", result["meta_new_dir_ops_s"], "meta_new_dir", ".0f")
     if result["pgbench_tps"]:

@@ -133,6 +133,14 @@ def test_replication_quick_prints_every_figure_as_json_and_cleans_up() -> None:
         _positive(cpu["fuse"]["fuse"], f"{kind} CPU of the FUSE-only mount")
         for node in ("node1", "node2"):
             _positive(cpu["replicated"][node], f"{kind} CPU of {node}'s daemon")
+    sleeps = result["sync4k_sleeps_per_op"]
+    assert set(sleeps["local"]) == {"app"}, sleeps
+    assert set(sleeps["fuse"]) == {"app", "fuse"}, sleeps
+    assert set(sleeps["replicated"]) == {"app", "node1", "node2"}, sleeps
+    for target in ("fuse", "replicated"):  # a FUSE request waits for the daemon's reply
+        assert sleeps[target]["app"] >= 1, sleeps
+    for who in ("node1", "node2"):  # each daemon waits for every op it serves
+        assert sleeps["replicated"][who] >= 1, sleeps
     assert set(result["daemon_idle_cpu_pct"]) == {"node1", "node2"}
     assert all(v >= 0 for v in result["daemon_idle_cpu_pct"].values())
     # The replicated target really went through the mirror: node2 acknowledged every op.
@@ -147,6 +155,8 @@ def test_replication_quick_prints_every_figure_as_json_and_cleans_up() -> None:
         "a new directory",
         "pgbench",
         "CPU us per op",
+        "sleeps per op, application",
+        "sleeps per op, serving",
         "CPU us per transaction",
         "idle daemons use",
         "goals",

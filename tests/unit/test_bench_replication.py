@@ -4,7 +4,9 @@ bounds it refuses."""
 from __future__ import annotations
 
 import os
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +55,40 @@ def test_cpu_text_joins_the_processes_of_a_target() -> None:
     assert replication.cpu_text({"node1": 180.2, "node2": 110.5}) == "180+110"
     assert replication.cpu_text({"fuse": 95.0}) == "95"
     assert replication.cpu_text({}) == "-"
+
+
+def _own_sleeps() -> int:
+    status = Path(f"/proc/self/task/{threading.get_native_id()}/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("voluntary_ctxt")).split()[1])
+
+
+def test_sleeps_of_counts_the_voluntary_switches_of_every_thread() -> None:
+    slept, release = threading.Event(), threading.Event()
+
+    def sleeper() -> None:
+        for _ in range(5):
+            time.sleep(0.002)
+        slept.set()
+        release.wait(10)  # alive while it is counted: a thread that ended leaves /proc
+
+    t = threading.Thread(target=sleeper)
+    before, own = replication.sleeps_of(os.getpid()), _own_sleeps()
+    t.start()
+    try:
+        assert slept.wait(10)
+        total = replication.sleeps_of(os.getpid()) - before
+        assert total - (_own_sleeps() - own) >= 5  # the other thread's five sleeps at least
+    finally:
+        release.set()
+        t.join(10)
+
+
+def test_sleeps_per_op_and_their_text() -> None:
+    per = replication.sleeps_per_op({"node1": 100, "node2": 50}, {"node1": 750, "node2": 370}, 100)
+    assert per == {"node1": 6.5, "node2": 3.2}
+    assert replication.sleeps_per_op({}, {}, 0) == {}
+    both = {**per, "app": 3.0}
+    assert replication.sleeps_text(both, app=True) == "3.0"
+    assert replication.sleeps_text(both, app=False) == "6.5+3.2"
+    assert replication.sleeps_text({"app": 2.0}, app=False) == "-"  # the local disk
+    assert replication.sleeps_text({}, app=True) == "-"
