@@ -211,12 +211,12 @@ class Targets:
             return {n: cpu_seconds(self.cluster.daemon_pid(n)) for n in ("node1", "node2")}
         return {}
 
-    def sleeps(self, target: str) -> dict[str, int]:
+    def sleeps(self, target: str) -> dict[str, float]:
         """Times the threads of what serves ``target`` went to sleep so far (as ``cpu``)."""
         if target == "fuse":
-            return {"fuse": sleeps_of(os.getpid())}
+            return {"fuse": float(sleeps_of(os.getpid()))}
         if target == "replicated":
-            return {n: sleeps_of(self.cluster.daemon_pid(n)) for n in ("node1", "node2")}
+            return {n: float(sleeps_of(self.cluster.daemon_pid(n))) for n in ("node1", "node2")}
         return {}
 
     def checked(self, target: str, argv: list[str], timeout: float = WORKLOAD_TIMEOUT_S) -> str:
@@ -239,11 +239,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_per_op(before: dict[str, float], after: dict[str, float], ops: int) -> dict[str, float]:
-    """Microseconds of CPU per operation, for each process measured."""
+def per_op(
+    before: dict[str, float], after: dict[str, float], ops: int, scale: float = 1.0
+) -> dict[str, float]:
+    """What each process measured used per operation, times ``scale`` (1e6: CPU seconds to
+    microseconds); nothing when no operation was counted."""
     if ops <= 0:
         return {}
-    return {k: round((after[k] - before[k]) / ops * 1e6, 1) for k in before}
+    return {k: round((after[k] - before[k]) / ops * scale, 1) for k in before}
 
 
 def sleeps_of(pid: int) -> int:
@@ -255,13 +258,6 @@ def sleeps_of(pid: int) -> int:
                 if line.startswith("voluntary_ctxt_switches:"):
                     total += int(line.split()[1])
     return total
-
-
-def sleeps_per_op(before: dict[str, int], after: dict[str, int], ops: int) -> dict[str, float]:
-    """Sleeps (voluntary context switches) per operation, for each process measured."""
-    if ops <= 0:
-        return {}
-    return {k: round((after[k] - before[k]) / ops, 1) for k in before}
 
 
 def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
@@ -282,8 +278,8 @@ def workload(t: Targets, script: Path, target: str, kind: str, n: int) -> dict[s
     except (ValueError, IndexError) as exc:
         raise BenchError(f"{target} {kind}: no JSON from the workload: {out[-300:]!r}") from exc
     if "ops" in result:
-        result["cpu_us_per_op"] = cpu_per_op(before, after, int(result["ops"]))
-        result["sleeps_per_op"] = sleeps_per_op(slept, woke, int(result["ops"]))
+        result["cpu_us_per_op"] = per_op(before, after, int(result["ops"]), 1e6)
+        result["sleeps_per_op"] = per_op(slept, woke, int(result["ops"]))
         if "app_sleeps" in result:
             result["sleeps_per_op"]["app"] = round(result["app_sleeps"] / int(result["ops"]), 1)
     return result
@@ -369,7 +365,7 @@ def pgbench(
             "tps": float(m.group(1)),
             "transactions": transactions,
             "init_s": round(init_s, 2),
-            "cpu_us_per_op": cpu_per_op(before, after, transactions or 0),
+            "cpu_us_per_op": per_op(before, after, transactions or 0, 1e6),
         }
     finally:
         if started or postmaster_pid(t, target, datadir) is not None:

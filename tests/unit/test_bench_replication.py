@@ -43,12 +43,12 @@ def test_cpu_seconds_reads_this_process_from_proc() -> None:
     assert got <= time.process_time() + tick
 
 
-def test_cpu_per_op_is_microseconds_per_operation_for_each_process() -> None:
+def test_per_op_gives_cpu_microseconds_per_operation_for_each_process() -> None:
     before = {"node1": 10.0, "node2": 4.0}
     after = {"node1": 10.5, "node2": 4.2}
-    assert replication.cpu_per_op(before, after, 2000) == {"node1": 250.0, "node2": 100.0}
-    assert replication.cpu_per_op(before, after, 0) == {}  # no count (pgbench said nothing)
-    assert replication.cpu_per_op({}, {}, 10) == {}  # the local disk: nothing to measure
+    assert replication.per_op(before, after, 2000, 1e6) == {"node1": 250.0, "node2": 100.0}
+    assert replication.per_op(before, after, 0, 1e6) == {}  # no count (pgbench said nothing)
+    assert replication.per_op({}, {}, 10, 1e6) == {}  # the local disk: nothing to measure
 
 
 def test_cpu_text_joins_the_processes_of_a_target() -> None:
@@ -84,9 +84,8 @@ def test_sleeps_of_counts_the_voluntary_switches_of_every_thread() -> None:
 
 
 def test_sleeps_per_op_and_their_text() -> None:
-    per = replication.sleeps_per_op({"node1": 100, "node2": 50}, {"node1": 750, "node2": 370}, 100)
+    per = replication.per_op({"node1": 100, "node2": 50}, {"node1": 750, "node2": 370}, 100)
     assert per == {"node1": 6.5, "node2": 3.2}
-    assert replication.sleeps_per_op({}, {}, 0) == {}
     both = {**per, "app": 3.0}
     assert replication.sleeps_text(both, app=True) == "3.0"
     assert replication.sleeps_text(both, app=False) == "6.5+3.2"
