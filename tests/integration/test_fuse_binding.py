@@ -61,3 +61,34 @@ def test_mounting_prints_no_libfuse_warning(
     assert (real / "f").read_bytes() == b"x"
     mount.stop()
     assert "Ignoring invalid" not in capfd.readouterr().err
+
+
+def test_writes_send_no_capability_lookup(
+    tmp_path: Path, mount_factory: Callable[..., Any]
+) -> None:
+    """The mount asks for FUSE_HANDLE_KILLPRIV_V2 in its INIT reply (libfuse 3.14 cannot):
+    the kernel then looks up security.capability on a file's first write only, not before
+    every write (a whole round trip to the daemon each)."""
+    real = tmp_path / "data"
+    real.mkdir()
+    mount = mount_factory(str(real), LocalOnly())
+    fs = mount._fs
+    getxattr = fs.getxattr
+    looked_up: list[str] = []
+
+    def recording(path: str | None, name: str, position: int = 0) -> Any:
+        looked_up.append(name)
+        return getxattr(path, name, position)
+
+    fs.getxattr = recording
+    fd = os.open(real / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        for i in range(50):
+            os.pwrite(fd, b"x" * 4096, i * 4096)
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    assert (real / "f").stat().st_size == 50 * 4096
+    # the first write looks it up (the kernel learns there is none); an attribute refresh
+    # may make it look once more; without the flag it is 50
+    assert 1 <= looked_up.count("security.capability") <= 2
