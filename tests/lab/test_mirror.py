@@ -271,6 +271,27 @@ for name, mode in (("rollback.db", "DELETE"), ("wal.db", "WAL")):
 """
 
 
+SETID = r"""
+import os, struct, subprocess, sys
+d = sys.argv[1]
+os.makedirs(d)
+for name, mode in (("by-nobody", 0o6777), ("by-root", 0o6777), ("caps", 0o755)):
+    with open(f"{d}/{name}", "wb") as f:
+        f.write(b"x")
+    os.chmod(f"{d}/{name}", mode)
+# struct vfs_cap_data, revision 2, effective, permitted CAP_NET_BIND_SERVICE
+os.setxattr(f"{d}/caps", "security.capability", struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0))
+fd = os.open(f"{d}/by-nobody", os.O_WRONLY | os.O_APPEND)
+subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
+                "-c", "import os, sys; os.write(int(sys.argv[1]), b'n')", str(fd)],
+               pass_fds=(fd,), check=True, timeout=60)
+os.close(fd)
+for name in ("by-root", "caps"):
+    with open(f"{d}/{name}", "ab") as f:
+        f.write(b"r")
+"""
+
+
 def test_copies_identical_after_random_workload_tarball_and_sqlite() -> None:
     with lab_cluster() as c:
         c.first_start(timeout=60)
@@ -306,12 +327,24 @@ def test_copies_identical_after_random_workload_tarball_and_sqlite() -> None:
         # The secondary's copy is a sound database with the same rows.
         n2 = c.lab.host_path("node2", DATA_DIR) / "sqlite"
         for name in ("rollback.db", "wal.db"):
-            check = "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('PRAGMA integrity_check').fetchone()[0])"  # noqa: E501
+            # immutable: read only, no -wal/-shm files made next to it in the secondary's copy
+            check = "import sqlite3,sys; print(sqlite3.connect(f'file:{sys.argv[1]}?immutable=1', uri=True).execute('PRAGMA integrity_check').fetchone()[0])"  # noqa: E501
             r = subprocess.run(
                 [sys.executable, "-c", check, str(n2 / name)],
                 capture_output=True, text=True, timeout=60, check=True,
             )  # fmt: skip
             assert r.stdout.strip() == "ok", (name, r.stdout, r.stderr)
+
+        # Set-ID bits and file capabilities: the mount clears setuid/setgid for a writer
+        # without CAP_FSETID (the kernel leaves it to the mount), each kernel drops the
+        # capability attribute on a write; the secondary's copy ends the same.
+        py(c, "node1", SETID, f"{DATA_DIR}/setid")
+        assert wait_identical(c, all_times=True) == []
+        n2 = c.lab.host_path("node2", DATA_DIR) / "setid"
+        assert (n2 / "by-nobody").stat().st_mode & 0o7777 == 0o777
+        assert (n2 / "by-root").stat().st_mode & 0o7777 == 0o6777
+        assert "security.capability" not in os.listxattr(n2 / "caps")
+        assert (n2 / "by-nobody").read_bytes() == b"xn"
         st = mirror(c, "node1")
         assert st["mirror_state"] == "connected" and st["drops"] == 0, st
 
