@@ -228,13 +228,12 @@ class _InitReplyHook:
     ``install()`` (during libfuse's init callback, before the reply goes out) makes libfuse
     send its replies through ``_writev``; the first reply is INIT's: ``_writev`` sets the
     flag in it, sends it, and hands libfuse back the C library's writev, so no later reply
-    passes through Python. ``enabled`` says whether the flag went out.
+    passes through Python.
     """
 
     def __init__(self, session: int) -> None:
         self.session = session
         self.fd = _libfuse.fuse_session_fd(session)
-        self.enabled = False
         self._callback = _WRITEV(self._writev)
 
     def install(self) -> None:
@@ -255,7 +254,6 @@ class _InitReplyHook:
             if header.error == 0:
                 flags = ctypes.c_uint32.from_address(iov[1].base + _INIT_FLAGS_AT)
                 flags.value |= FUSE_HANDLE_KILLPRIV_V2
-                self.enabled = True
         sent = int(_libc.writev(fd, iov, count))
         try:
             self._use(_plain_io())
@@ -324,7 +322,7 @@ class _Binding(mfusepy.FUSE):  # type: ignore[misc]
             _keep_thread_state()
         return super()._wrapper(func, *args, **kwargs)
 
-    init_hook: _InitReplyHook | None = None
+    init_hook: _InitReplyHook | None = None  # holds the ctypes callback while libfuse may call it
 
     def init_fuse_3(self, conn: Any, config: Any) -> None:
         version = (mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
