@@ -348,9 +348,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
             fd = os.open(rel, os.O_RDWR | base, dir_fd=self._root)
             try:
                 if flags & os.O_TRUNC:
-                    perm = setid_cleared(os.fstat(fd))
-                    if perm is not None:
-                        os.fchmod(fd, perm)
+                    self._drop_setid(fd, False, path, os.fstat(fd))
                     os.ftruncate(fd, 0)
                 return self._new_handle(fd, flags, writable=True, replicated=False)
             except BaseException:
@@ -371,7 +369,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         if flags & os.O_TRUNC:
             handle = self._handles[fh]
             with handle.lock:
-                self._drop_setid(handle, path, os.fstat(fd))
+                self._drop_setid(fd, True, path, os.fstat(fd))
                 self._replicator.apply(ops.Truncate(fh, rel, 0), lambda: os.ftruncate(fd, 0))
                 handle.wrote = True
         return fh
@@ -458,7 +456,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         with handle.lock:
             if not writepage:  # mmap'ed pages written back clear nothing, as on a local fs
                 st = os.fstat(handle.fd)
-                self._drop_setid(handle, path, st)
+                self._drop_setid(handle.fd, handle.replicated, path, st)
                 if handle.append:
                     offset = st.st_size
             self._change(
@@ -475,7 +473,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         if handle is not None and handle.writable:
             rel = b"" if path is None else rel_path(path)
             with handle.lock:
-                self._drop_setid(handle, path, os.fstat(handle.fd))
+                self._drop_setid(handle.fd, handle.replicated, path, os.fstat(handle.fd))
                 self._change(
                     handle.replicated,
                     ops.Truncate(fh or -1, rel, length),
@@ -506,7 +504,8 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
     def fallocate(self, path: str | None, mode: int, offset: int, length: int, fh: int) -> int:
         handle = self._writable(fh)
         with handle.lock:
-            self._drop_setid(handle, path, os.fstat(handle.fd))  # every mode, as ext4 does
+            # every mode, as ext4 does
+            self._drop_setid(handle.fd, handle.replicated, path, os.fstat(handle.fd))
             self._change(
                 handle.replicated,
                 ops.Fallocate(fh, mode, offset, length),
@@ -686,9 +685,10 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
 
     # -- attributes ----------------------------------------------------------------------
 
-    def _drop_setid(self, handle: _Handle, path: str | None, st: os.stat_result) -> None:
+    def _drop_setid(self, fd: int, replicated: bool, path: str | None, st: os.stat_result) -> None:
         """Clear what a write, truncate or allocation by this request's caller clears of the
-        set-ID bits (``setid_cleared``), replicated like a chmod, before the change itself.
+        set-ID bits of ``fd``'s file (``setid_cleared``), before the change itself: a chmod,
+        replicated when ``replicated``, as a chmod is.
 
         The kernel leaves that to the mount: it asked for FUSE_HANDLE_KILLPRIV_V2
         (fusebinding.py), so the kernel does not look up security.capability before each
@@ -699,10 +699,9 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         if perm is None:
             return
         if path is None:  # no name any more: nothing on the peer to change
-            os.fchmod(handle.fd, perm)
+            os.fchmod(fd, perm)
             return
-        rel = rel_path(path)
-        self._change(handle.replicated, ops.Chmod(rel, perm), lambda: os.fchmod(handle.fd, perm))
+        self._change(replicated, ops.Chmod(rel_path(path), perm), lambda: os.fchmod(fd, perm))
 
     def _nameless(self, path: str | None, fh: int | None) -> _Handle | None:
         """The handle to change locally only when the file has no name any more."""
