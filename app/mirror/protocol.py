@@ -160,9 +160,13 @@ class Connection:
         self._sent_auth = False
         self._peer_hello: Hello | None = None
         self._peer_verified = False
-        # (is_ping, id) of what we sent and await an answer for / received and must answer
-        self._out_pending: set[tuple[bool, int]] = set()
-        self._in_pending: set[tuple[bool, int]] = set()
+        # ids of the Requests / Pings we sent and await an answer for, and of those we
+        # received and must answer
+        self._out_requests: set[int] = set()
+        self._out_pings: set[int] = set()
+        self._in_requests: set[int] = set()
+        self._in_pings: set[int] = set()
+        self._authenticated = False  # both proofs done: see ``authenticated``
         # ids of resync queries/dones we sent (primary) / received (secondary), unanswered
         self._q_out: set[int] = set()
         self._q_in: set[int] = set()
@@ -172,7 +176,7 @@ class Connection:
     @property
     def authenticated(self) -> bool:
         """True once we sent our proof and verified the peer's."""
-        return self._sent_auth and self._peer_verified
+        return self._authenticated
 
     @property
     def peer_node(self) -> str | None:
@@ -181,7 +185,7 @@ class Connection:
     @property
     def awaiting(self) -> frozenset[int]:
         """Ids of the Requests we sent that the peer has not answered yet."""
-        return frozenset(ident for is_ping, ident in self._out_pending if not is_ping)
+        return frozenset(self._out_requests)
 
     def hello(self) -> Hello:
         """This side's Hello event, to pass to ``send``."""
@@ -243,6 +247,16 @@ class Connection:
         return event
 
     def _on_receive(self, event: Event) -> None:
+        if isinstance(event, Request):  # the hot path first: a replicated op, then its answer
+            self._require_auth(event)
+            if self.role is not Role.SECONDARY:
+                raise ProtocolError("the secondary sent a Request")
+            self._take_new(self._in_requests, event.id)
+            return
+        if isinstance(event, Ack):
+            self._require_auth(event)
+            self._answered(self._out_requests, event)
+            return
         match event:
             case Hello():
                 self._receive_hello(event)
@@ -262,20 +276,16 @@ class Connection:
                 if not hmac.compare_digest(mac, expected):
                     raise AuthError(f"peer {peer.node!r} failed to prove the cluster key")
                 self._peer_verified = True
-            case Request(id=ident) | Ping(id=ident):
+                self._authenticated = self._sent_auth
+            case Ping(id=ident):
                 self._require_auth(event)
-                if isinstance(event, Request) and self.role is not Role.SECONDARY:
-                    raise ProtocolError("the secondary sent a Request")
-                key = (isinstance(event, Ping), ident)
-                if key in self._in_pending:
-                    raise ProtocolError(f"id {ident} is already in flight")
-                self._in_pending.add(key)
-            case Ack(id=ident) | Nack(id=ident) | Pong(id=ident):
+                self._take_new(self._in_pings, ident)
+            case Nack():
                 self._require_auth(event)
-                key = (isinstance(event, Pong), ident)
-                if key not in self._out_pending:
-                    raise ProtocolError(f"{type(event).__name__} for unknown id {ident}")
-                self._out_pending.discard(key)
+                self._answered(self._out_requests, event)
+            case Pong():
+                self._require_auth(event)
+                self._answered(self._out_pings, event)
             case ResyncQuery(id=ident) | ResyncDone(id=ident):
                 self._require_auth(event)
                 if self.role is not Role.SECONDARY:
@@ -305,8 +315,31 @@ class Connection:
         self._peer_hello = hello
 
     def _require_auth(self, event: Event) -> None:
-        if not self.authenticated:
+        if not self._authenticated:
             raise AuthError(f"{type(event).__name__} before authentication")
+
+    @staticmethod
+    def _take_new(ids: set[int], ident: int) -> None:
+        """Record an id now in flight; a duplicate is a ProtocolError."""
+        if ident in ids:
+            raise ProtocolError(f"id {ident} is already in flight")
+        ids.add(ident)
+
+    @staticmethod
+    def _answered(ids: set[int], event: Ack | Nack | Pong) -> None:
+        """An answer from the peer: its id must be one we sent and still await."""
+        try:
+            ids.remove(event.id)
+        except KeyError:
+            raise ProtocolError(f"{type(event).__name__} for unknown id {event.id}") from None
+
+    @staticmethod
+    def _answering(ids: set[int], event: Ack | Nack | Pong) -> None:
+        """An answer we send: its id must be one the peer sent and still awaits."""
+        try:
+            ids.remove(event.id)
+        except KeyError:
+            raise ProtocolError(f"{type(event).__name__} for an id never received") from None
 
     def _check_alive(self) -> None:
         if self._broken is not None:
@@ -318,6 +351,16 @@ class Connection:
         """The bytes for ``event``; ProtocolError if this side may not send it now."""
         self._check_alive()
         data = encode_event(event)  # validates fields before any state change
+        if isinstance(event, Request):  # the hot path first: a replicated op, then its answer
+            self._require_auth(event)
+            if self.role is not Role.PRIMARY:
+                raise ProtocolError("only the primary sends Requests")
+            self._take_new(self._out_requests, event.id)
+            return data
+        if isinstance(event, Ack):
+            self._require_auth(event)
+            self._answering(self._in_requests, event)
+            return data
         match event:
             case Hello():
                 if self._sent_hello or event != self.hello():
@@ -327,20 +370,16 @@ class Connection:
                 if self._peer_hello is None or not self._sent_hello or self._sent_auth:
                     raise ProtocolError("HelloAuth goes after both Hellos, once")
                 self._sent_auth = True
-            case Request(id=ident) | Ping(id=ident):
+                self._authenticated = self._peer_verified
+            case Ping(id=ident):
                 self._require_auth(event)
-                if isinstance(event, Request) and self.role is not Role.PRIMARY:
-                    raise ProtocolError("only the primary sends Requests")
-                key = (isinstance(event, Ping), ident)
-                if key in self._out_pending:
-                    raise ProtocolError(f"id {ident} is already in flight")
-                self._out_pending.add(key)
-            case Ack(id=ident) | Nack(id=ident) | Pong(id=ident):
+                self._take_new(self._out_pings, ident)
+            case Nack():
                 self._require_auth(event)
-                key = (isinstance(event, Pong), ident)
-                if key not in self._in_pending:
-                    raise ProtocolError(f"{type(event).__name__} for an id never received")
-                self._in_pending.discard(key)
+                self._answering(self._in_requests, event)
+            case Pong():
+                self._require_auth(event)
+                self._answering(self._in_pings, event)
             case ResyncQuery(id=ident) | ResyncDone(id=ident):
                 self._require_auth(event)
                 if self.role is not Role.PRIMARY:

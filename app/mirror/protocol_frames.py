@@ -173,6 +173,14 @@ _RESYNC_QUERY_HEAD: Final = struct.Struct(">BH")
 _RESYNC_QUERY_TAIL: Final = struct.Struct(">QI")
 
 
+# frames whose payload is empty: the type and the id are the whole event
+_SIMPLE: Final[dict[int, type[Ack | Ping | Pong | ResyncDone]]] = {
+    ACK: Ack,
+    PING: Ping,
+    PONG: Pong,
+    RESYNC_DONE: ResyncDone,
+}
+
 # ------------------------------------------------------------------------- frame codec
 
 
@@ -184,8 +192,7 @@ def _frame_of(kind: int, ident: int, parts: list[bytes]) -> bytes:
     """A frame whose payload is ``parts`` joined: each part is copied once, into the frame."""
     if not 0 <= ident <= _U64_MAX:
         raise ProtocolError(f"id {ident} does not fit in u64")
-    size = sum(len(part) for part in parts)
-    return b"".join([_HEADER.pack(9 + size, kind, ident), *parts])
+    return b"".join([_HEADER.pack(9 + sum(map(len, parts)), kind, ident), *parts])
 
 
 def _utf8(value: object) -> bytes | None:
@@ -260,6 +267,10 @@ def _decode_hello(payload: bytes | memoryview) -> Hello:
 
 def encode_event(event: Event) -> bytes:
     """Bytes for one event, without any state check (``Connection.send`` does those)."""
+    if isinstance(event, Request):  # the hot path first: a replicated op, then its answer
+        return _frame_of(REQUEST, event.id, _op_parts(event.op))
+    if isinstance(event, Ack):
+        return _frame(ACK, event.id)
     match event:
         case Hello():
             return _encode_hello(event)
@@ -313,6 +324,12 @@ def decode_frame(kind: int, ident: int, payload: bytes | memoryview) -> Event:
 
     ``payload`` may be a view into the receive buffer: the event holds copies only.
     """
+    if kind == REQUEST:  # the hot path first: a replicated op, then its answer
+        return Request(ident, decode_op(payload))
+    if kind == ACK:
+        if payload:
+            raise ProtocolError("Ack frame with a payload")
+        return Ack(ident)
     if kind == HELLO:
         if ident != 0:
             raise ProtocolError("Hello with a non-zero id")
@@ -321,8 +338,6 @@ def decode_frame(kind: int, ident: int, payload: bytes | memoryview) -> Event:
         if ident != 0 or len(payload) != MAC_SIZE:
             raise ProtocolError("malformed HelloAuth")
         return HelloAuth(bytes(payload))
-    if kind == REQUEST:
-        return Request(ident, decode_op(payload))
     if kind == NACK:
         r = _Reader(payload)
         err = r.unpack(_U32)
@@ -347,13 +362,7 @@ def decode_frame(kind: int, ident: int, payload: bytes | memoryview) -> Event:
             raise ProtocolError("malformed ResyncReply")
         (status,) = _U32.unpack_from(payload)
         return ResyncReply(ident, status, bytes(payload[4:]))
-    simple: dict[int, type[Ack | Ping | Pong | ResyncDone]] = {
-        ACK: Ack,
-        PING: Ping,
-        PONG: Pong,
-        RESYNC_DONE: ResyncDone,
-    }
-    cls = simple.get(kind)
+    cls = _SIMPLE.get(kind)
     if cls is None:
         raise ProtocolError(f"unknown frame type 0x{kind:02x}")
     if payload:

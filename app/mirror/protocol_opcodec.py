@@ -269,6 +269,15 @@ _LAYOUT: Final[dict[type[Op], tuple[int, tuple[tuple[str, _Kind], ...]]]] = {
 }
 
 
+# The hot ops, Write and Fsync by handle, have a layout of their own: one struct call each way
+# instead of the per-field table walk (the same bytes; anything the fast path does not take
+# falls through to the table, which raises the precise error).
+_WRITE_HEAD: Final = struct.Struct(">BqqI")  # code 4, fh, offset, data length
+_FSYNC_FH: Final = struct.Struct(">BqHB")  # code 7, fh, path length 0, datasync
+_WRITE_CODE: Final = 4
+_FSYNC_CODE: Final = 7
+
+
 def encode_op(op: Op) -> bytes:
     """The REQUEST payload for ``op``; ProtocolError when a field is out of range."""
     return b"".join(_op_parts(op))
@@ -276,6 +285,26 @@ def encode_op(op: Op) -> bytes:
 
 def _op_parts(op: Op) -> list[bytes]:
     """The REQUEST payload for ``op`` as buffers to join (data fields are not copied)."""
+    if isinstance(op, ops.Write):
+        fh, offset, data = op.fh, op.offset, op.data
+        if (
+            type(fh) is int
+            and type(offset) is int
+            and type(data) is bytes
+            and 0 <= fh <= _I64_MAX
+            and 0 <= offset <= _I64_MAX
+            and len(data) <= MAX_DATA
+        ):
+            return [_WRITE_HEAD.pack(_WRITE_CODE, fh, offset, len(data)), data]
+    elif isinstance(op, ops.Fsync):
+        fh, path, datasync = op.fh, op.path, op.datasync
+        if type(fh) is int and 0 <= fh <= _I64_MAX and path == b"" and type(datasync) is bool:
+            return [_FSYNC_FH.pack(_FSYNC_CODE, fh, 0, datasync)]
+    return _table_parts(op)
+
+
+def _table_parts(op: Op) -> list[bytes]:
+    """``_op_parts`` by the per-field table (every op; the hot ones give the same bytes)."""
     layout = _LAYOUT.get(type(op))
     if layout is None:
         raise ProtocolError(f"not an op: {type(op).__name__}")
@@ -292,6 +321,20 @@ def _op_parts(op: Op) -> list[bytes]:
 
 def decode_op(payload: bytes | memoryview) -> Op:
     """The op in a REQUEST payload; ProtocolError for anything malformed or out of range."""
+    size = len(payload)
+    if size >= _WRITE_HEAD.size and payload[0] == _WRITE_CODE:
+        _, fh, offset, length = _WRITE_HEAD.unpack_from(payload)
+        if fh >= 0 and offset >= 0 and length == size - _WRITE_HEAD.size and length <= MAX_DATA:
+            return ops.Write(fh, offset, bytes(payload[_WRITE_HEAD.size :]))
+    elif size == _FSYNC_FH.size and payload[0] == _FSYNC_CODE:
+        _, fh, plen, datasync = _FSYNC_FH.unpack_from(payload)
+        if fh >= 0 and plen == 0 and datasync <= 1:
+            return ops.Fsync(fh, b"", bool(datasync))
+    return _table_decode(payload)
+
+
+def _table_decode(payload: bytes | memoryview) -> Op:
+    """``decode_op`` by the per-field table (every op, and every error message)."""
     r = _Reader(payload)
     code = r.unpack(_U8)
     entry = OP_CODES.get(code)

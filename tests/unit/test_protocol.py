@@ -9,6 +9,7 @@ import pytest
 from app.mirror import ops
 from app.mirror.errors import AuthError, ProtocolError
 from app.mirror.protocol import (
+    MAX_DATA,
     MAX_FRAME,
     Ack,
     Connection,
@@ -396,3 +397,15 @@ def test_bad_writev_is_refused_by_the_encoder(
     with pytest.raises(ProtocolError, match=r"WriteV\.parts"):
         p.send(Request(1, ops.WriteV(3, parts)))  # type: ignore[arg-type]
     assert p.awaiting == frozenset()
+
+
+def test_a_write_past_max_data_is_refused_even_inside_a_legal_frame(
+    pair: tuple[Connection, Connection],
+) -> None:
+    """The frame limit leaves room for headers above MAX_DATA; the Write's own data must
+    still stay within MAX_DATA, on the hot path as in the table."""
+    _, s = pair
+    data = bytes(MAX_DATA + 1)
+    s.receive_data(frame(0x10, 1, struct.pack(">BqqI", 4, 1, 0, len(data)) + data))
+    with pytest.raises(ProtocolError, match="data"):
+        s.next_event()

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from app.mirror import ops
+from app.mirror import protocol_opcodec as oc
 from app.mirror.errors import ApplyError, PathEscape, ProtocolError
 from app.mirror.protocol import (
     Ack,
@@ -32,6 +33,7 @@ from app.mirror.protocol import (
     Pong,
     Request,
     Role,
+    decode_op,
 )
 from app.mirror.receiver import Receiver
 
@@ -302,3 +304,50 @@ def test_any_op_sequence_never_touches_anything_outside_the_root(
         event(f"random ops applied: {min(applied, 5)}{'+' if applied >= 5 else ''}")
         event(f"escapes refused: {min(escapes, 2)}{'+' if escapes >= 2 else ''}")
         assert outside_state(outside) == before
+
+
+# ------------------------------------------------------- the hot ops' own layouts
+
+hot_ops: st.SearchStrategy[ops.Op] = st.one_of(
+    st.builds(ops.Write, fhs, offsets, st.binary(max_size=300)),
+    st.builds(ops.Fsync, st.integers(-1, 2**63 - 1), valid_paths, st.booleans()),
+)
+
+
+@FUZZ
+@given(hot_ops)
+def test_the_hot_ops_layouts_give_the_tables_bytes_both_ways(op: ops.Op) -> None:
+    """Write and Fsync have a layout of their own (one struct call each way); it must be the
+    per-field table's, byte for byte, in both directions."""
+    fast = b"".join(oc._op_parts(op))
+    assert fast == b"".join(oc._table_parts(op))
+    assert decode_op(fast) == oc._table_decode(fast) == op
+
+
+@FUZZ
+@given(
+    st.sampled_from([4, 7]),
+    st.integers(-(2**63), 2**63 - 1),
+    st.integers(-(2**63), 2**63 - 1),
+    st.integers(0, 2**32 - 1),
+    st.binary(max_size=40),
+)
+def test_hot_looking_payloads_decode_as_the_table_says(
+    code: int, a: int, b: int, n: int, tail: bytes
+) -> None:
+    """A payload that starts like a Write or an Fsync is decoded exactly as the table decodes
+    it: the same op, or a ProtocolError (negative handle or offset, a length that is not the
+    data's, a bool of 2, a path where the fast Fsync has none)."""
+    if code == 4:
+        payload = struct.pack(">Bqq", 4, a, b) + struct.pack(">I", n % 64) + tail
+    else:
+        payload = struct.pack(">Bq", 7, a) + struct.pack(">H", n % 3) + tail[: n % 3 + 1]
+    try:
+        expected: ops.Op | str = oc._table_decode(payload)
+    except ProtocolError:
+        expected = "refused"
+    try:
+        got: ops.Op | str = decode_op(payload)
+    except ProtocolError:
+        got = "refused"
+    assert got == expected
