@@ -17,11 +17,12 @@ How it works
     about one IN_MODIFY per batch, not one per write; nothing is lost by the merge (the
     queue holds fs.inotify.max_queued_events; an overflow is reported, see below).
 
-    Telling the receiver's own changes apart: the service wraps each apply of the receiver
-    in ``applying(op)`` (on the receiver's thread). ``Expectations`` (pure, clock injected)
-    holds the paths an op names (by handle too: ``Open``/``Create`` bind a handle to its
-    path, a ``Rename`` moves the bindings) as "in flight" while the op runs and for
-    ``grace_s`` after it ends. An event for a path in flight or within its grace is the
+    Telling the receiver's own changes apart: the service brackets each apply of the
+    receiver with ``applying(op)`` and ``applied`` (on the receiver's thread).
+    ``Expectations`` (pure, clock injected) holds the paths an op names (by handle too:
+    ``Open``/``Create`` bind a handle to its path, a ``Rename`` moves the bindings) as "in
+    flight" while the op runs and for ``grace_s`` after it ends; an Fsync names none (a
+    flush is no change inotify reports). An event for a path in flight or within its grace is the
     receiver's; any other event is a change behind the mirror's back. inotify queues an event
     during the system call that caused it, so the receiver's events are always read after
     their mark and, unless the watcher thread lags more than ``grace_s``, before the grace
@@ -65,8 +66,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -142,7 +142,15 @@ class Expectations:
 
     def expect(self, op: Op) -> tuple[bytes, ...]:
         """Mark the paths ``op`` changes as in flight; pass the result to ``done``."""
+        if isinstance(op, ops.Fsync):
+            return ()  # a flush changes nothing inotify reports
         with self._lock:
+            if isinstance(op, ops.Write):  # the hot path: the handle's file only
+                bound = self._fh.get(op.fh)
+                if bound is None:
+                    return ()
+                self._busy[bound] = self._busy.get(bound, 0) + 1
+                return (bound,)
             match op:
                 case ops.Open(fh=fh, path=path) | ops.Create(fh=fh, path=path):
                     self._fh[fh] = path
@@ -297,14 +305,16 @@ class BehindWatcher:
 
     # -- the receiver's side ----------------------------------------------------------
 
-    @contextmanager
-    def applying(self, op: Op) -> Iterator[None]:
-        """Wrap the receiver's apply of ``op``: its changes are not reported."""
-        paths = self.expectations.expect(op)
-        try:
-            yield
-        finally:
-            self.expectations.done(paths, self._clock())
+    def applying(self, op: Op) -> tuple[bytes, ...]:
+        """The receiver is about to apply ``op``: its changes are not reported. Pass what
+        this returns to ``applied`` once the op has ended, failed or not (a try/finally:
+        this sits on every replicated op, where a generator context manager costs more
+        than the rest of the bookkeeping)."""
+        return self.expectations.expect(op)
+
+    def applied(self, paths: tuple[bytes, ...]) -> None:
+        """The op ``applying`` returned ``paths`` for has ended; its grace starts now."""
+        self.expectations.done(paths, self._clock())
 
     # -- lifecycle --------------------------------------------------------------------
 

@@ -155,10 +155,11 @@ class Receiver:
         for fd, (start, end) in written.items():
             self._writeback(fd, start, end - start)
 
-    def _wrote(self, fh: int, fd: int, start: int, end: int) -> None:
-        if fh in self._synced:
-            old = self._written.get(fd, (start, end))
-            self._written[fd] = (min(old[0], start), max(old[1], end))
+    def _wrote(self, fd: int, start: int, end: int) -> None:
+        """Remember that [start, end) of a file the primary fsyncs was written (see
+        ``kick_writeback``)."""
+        old = self._written.get(fd, (start, end))
+        self._written[fd] = (min(old[0], start), max(old[1], end))
 
     def release_all(self) -> None:
         """Close every bound handle (the connection that opened them is gone)."""
@@ -197,6 +198,18 @@ class Receiver:
         """Apply ``op``; ApplyError (PathEscape) when it fails or would leave the root."""
         if self._root < 0:
             raise ApplyError(errno.EBADF, "receiver is closed")
+        write = isinstance(op, ops.Write)
+        if write or (isinstance(op, ops.Fsync) and op.fh != -1 and op.path == b""):
+            # the hot path: by handle, no path to check; the same steps as in _apply
+            try:
+                if isinstance(op, ops.Write):
+                    self._write(op)
+                elif isinstance(op, ops.Fsync):
+                    self._fsync_fh(op)
+            except OSError as exc:
+                code = exc.errno or errno.EIO
+                raise ApplyError(code, f"{_describe(op)}: {exc.strerror or exc}") from exc
+            return
         for name in ("path", "old", "new") + (() if isinstance(op, ops.Symlink) else ("target",)):
             value = getattr(op, name, None)
             if value is not None and (problem := path_problem(value)) is not None:
@@ -230,14 +243,8 @@ class Receiver:
                     while view:
                         written = os.pwrite(fd, view, offset)
                         view, offset = view[written:], offset + written
-            case ops.Write(fh=fh, offset=offset, data=data):
-                fd = self._fd(fh)
-                view = memoryview(data)
-                start = offset
-                while view:
-                    written = os.pwrite(fd, view, offset)
-                    view, offset = view[written:], offset + written
-                self._wrote(fh, fd, start, offset)
+            case ops.Write():
+                self._write(op)
             case ops.Truncate(fh=fh, path=path, length=length):
                 if fh != -1:
                     os.ftruncate(self._fd(fh), length)
@@ -256,10 +263,7 @@ class Receiver:
             case ops.Fsync(fh=fh, path=path, datasync=datasync):
                 sync = os.fdatasync if datasync else os.fsync
                 if fh != -1:
-                    fd = self._fd(fh)
-                    self._written.pop(fd, None)  # this flush writes it
-                    sync(fd)
-                    self._synced.add(fh)
+                    self._fsync_fh(op)
                 elif path == b"":
                     sync(self._root)
                 else:
@@ -335,6 +339,25 @@ class Receiver:
                 raise ApplyError(errno.ENOSYS, f"unknown op {type(op).__name__}")
 
     # -- op helpers -----------------------------------------------------------------
+
+    def _write(self, op: ops.Write) -> None:
+        fh, offset = op.fh, op.offset
+        fd = self._fd(fh)
+        written = os.pwrite(fd, op.data, offset)
+        if written < len(op.data):  # a short write: go on with the rest
+            view = memoryview(op.data)[written:]
+            end = offset + written
+            while view:
+                written = os.pwrite(fd, view, end)
+                view, end = view[written:], end + written
+        if fh in self._synced:
+            self._wrote(fd, offset, offset + len(op.data))
+
+    def _fsync_fh(self, op: ops.Fsync) -> None:
+        fd = self._fd(op.fh)
+        self._written.pop(fd, None)  # this flush writes it
+        (os.fdatasync if op.datasync else os.fsync)(fd)
+        self._synced.add(op.fh)
 
     def _create(self, op: ops.Create) -> None:
         self._bind_check(op.fh)

@@ -303,6 +303,13 @@ class Responder:
             if self.state not in ("running", "done"):
                 return Nack(event.id, errno.EAGAIN, "no resync session yet")
             op = event.op
+            if (
+                isinstance(op, ops.Write | ops.Fsync)
+                and op.fh < RESYNC_FH_BASE
+                and not self._direct.busy
+            ):
+                # the live hot path: no direct page to wait for, nothing for _writeback
+                return self.receiver.handle_request(event)
             if isinstance(op, ops.WriteV) and self.state == "running" and op.fh >= RESYNC_FH_BASE:
                 fd = self.receiver.fd_of(op.fh)
                 if fd is not None:

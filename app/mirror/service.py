@@ -36,9 +36,9 @@ How it works
     Verifier on each directory over its live link.
 
     Behind the back (secondary): a BehindWatcher (behind.py) per directory; the receiver's
-    applies are wrapped in ``applying(op)``; a change by anyone else raises a flag file that
-    the target-side ``start_resync`` turns into an untrusted activity log (full compare) and
-    that a finished resync clears.
+    applies are bracketed by ``applying(op)`` and ``applied``; a change by anyone else
+    raises a flag file that the target-side ``start_resync`` turns into an untrusted
+    activity log (full compare) and that a finished resync clears.
 
     Exceptions: nothing but ``MirrorError`` subclasses and ``OSError`` (opening a directory,
     a mount) leaves the async methods; peer trouble is reported by the state methods.
@@ -335,10 +335,14 @@ class MirrorService:
             with d.lock:
                 if d.link is not link:
                     raise ChannelError("connection replaced")
-                if d.behind is not None and isinstance(ev, Request):
-                    with d.behind.applying(ev.op):  # the receiver's own change: not reported
-                        return d.responder.handle(ev)
-                return d.responder.handle(ev)
+                behind = d.behind
+                if behind is None or type(ev) is not Request:
+                    return d.responder.handle(ev)
+                paths = behind.applying(ev.op)  # the receiver's own change: not reported
+                try:
+                    return d.responder.handle(ev)
+                finally:
+                    behind.applied(paths)
 
         def on_close(lk: Link, reason: str) -> None:
             for d in cell:
