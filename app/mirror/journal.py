@@ -112,6 +112,8 @@ from app.mirror.errors import MirrorError
 from app.mirror.journal_index import Handles
 from app.mirror.journal_state import RENAME_EXCHANGE, TO_EOF
 
+_I64_END: Final = 1 << 63  # past any offset: "to the end" in ``_covered``
+
 SNAPSHOT_NAME: Final = "dirty.snapshot"
 LOG_NAME: Final = "dirty.log"
 DEFAULT_REGION_SIZE: Final = 1 << 20
@@ -260,6 +262,12 @@ class DirtyJournal:
         self._flushing = False
         self._failed: JournalWriteError | None = None
         self._closed = False
+        # What each handle may write with no record (``mark``'s fast path): fh -> (epoch,
+        # start, end), bytes already durably recorded. ``_epoch`` moves on every change
+        # that can move a handle's file or shrink what is recorded (rename, unlink, clear,
+        # reset, close), which makes every remembered range stale at once.
+        self._covered: dict[int, tuple[int, int, int]] = {}
+        self._epoch = 0
         self._log_fd = -1
         self._log_size = 0
 
@@ -365,10 +373,61 @@ class DirtyJournal:
 
         Returns without I/O when everything is recorded already. Raises JournalWriteError
         (the op must then not be applied) or JournalClosed.
+
+        The hot path takes no lock: a Write inside a range its handle is known to have
+        durably recorded (``_covered``, remembered after a Write's records are durable), and
+        an Fsync (it records nothing: the writes it makes durable were marked before they
+        were made) return at once.
         """
+        if self._failed is None and not self._closed:
+            if isinstance(op, ops.Fsync):
+                return
+            if isinstance(op, ops.Write):
+                known = self._covered.get(op.fh)
+                if (
+                    known is not None
+                    and known[0] == self._epoch
+                    and known[1] <= op.offset
+                    and op.offset + len(op.data) <= known[2]
+                ):
+                    return
         with self._cond:
             self._check_usable()
             self._commit_locked(self._records_for(op))
+            if isinstance(op, ops.Write):
+                self._remember_covered(op)
+
+    def _remember_covered(self, op: ops.Write) -> None:
+        """After a Write's records are durable: the bytes around it its handle may write
+        with no record, if the state says so simply (one region, one fine span, a tail, a
+        namespace path above, an untrusted journal)."""
+        st = self._state
+        fh, lo = op.fh, op.offset
+        everything = (self._epoch, 0, _I64_END)
+        if not st.trusted:
+            self._covered[fh] = everything
+            return
+        path = self._handles.path(fh) if fh in self._handles else None
+        if path is None:
+            return
+        if st.covered(path):
+            self._covered[fh] = everything
+            return
+        f = st.files.get(path)
+        rs = st.region_size
+        if f is None or not f.covers(lo // rs):
+            return
+        if f.tail is not None and lo >= f.tail * rs:
+            self._covered[fh] = (self._epoch, f.tail * rs, _I64_END)
+            return
+        start, end = lo // rs * rs, (lo // rs + 1) * rs
+        if f.spans is not None:
+            span = js.span_covering(f.spans, lo)
+            if span is None:
+                return
+            start, end = max(start, span[0]), min(end, span[1])
+        if start <= lo < end:
+            self._covered[fh] = (self._epoch, start, end)
 
     def invalidate(self, reason: str) -> None:
         """Record, durably, that the journal cannot be trusted (e.g. writes behind the mirror)."""
@@ -381,6 +440,7 @@ class DirtyJournal:
         those of everything below it (which a namespace ``path`` covered unrecorded)."""
         with self._cond:
             self._check_usable()
+            self._epoch += 1
             self._commit_locked([js.Clear(path)])
 
     def reset(self, new_base_generation: str) -> None:
@@ -391,6 +451,7 @@ class DirtyJournal:
         with self._cond:
             self._check_open()
             self._quiesce_locked()
+            self._epoch += 1
             rs = self._state.region_size
             self._state = js.State(self._state.seq, new_base_generation, rs, self._max_spans)
             self._queue, self._queue_sync = [], False
@@ -582,12 +643,15 @@ class DirtyJournal:
         st = self._state
         match op:
             case ops.Open(fh, path):
+                self._covered.pop(fh, None)
                 self._handles.open(fh, path)
                 return []
             case ops.Create(fh=fh, path=path):
+                self._covered.pop(fh, None)
                 self._handles.open(fh, path)
                 return [js.New(path)]
             case ops.Release(fh):
+                self._covered.pop(fh, None)
                 self._handles.release(fh)
                 return []
             case ops.Fsync():
@@ -628,6 +692,7 @@ class DirtyJournal:
             case ops.Mknod(path=path) | ops.Mkdir(path=path) | ops.Symlink(path=path):
                 return [js.New(path)]
             case ops.Unlink(path):
+                self._epoch += 1
                 self._handles.unlink(path)
                 return [js.Gone(path)]
             case ops.Rmdir(path):
@@ -635,6 +700,7 @@ class DirtyJournal:
             case ops.Rename(old, new, flags):
                 if old == new:
                     return []
+                self._epoch += 1
                 self._handles.rename(old, new, bool(flags & RENAME_EXCHANGE))
                 return [js.Rename(old, new, flags)]
             case ops.Link(target, new):

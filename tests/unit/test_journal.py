@@ -18,6 +18,7 @@ from app.mirror.ops import (
     Chmod,
     Create,
     Fallocate,
+    Fsync,
     Link,
     Mkdir,
     Open,
@@ -873,3 +874,90 @@ def test_writev_marks_the_regions_of_every_part(tmp_path: Path) -> None:
     write(plain, b"v", 0, 3, fh=4)
     write(plain, b"v", 5 * RS + 1, 2, fh=4)
     assert content(j)[4] == content(plain)[4] == [(b"v", [(0, RS), (5 * RS, RS)])]
+
+
+# --- the lock-free path: writes inside what their handle has durably recorded -----------------
+
+
+def count_commits(j: DirtyJournal, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every pass through the journal's locked path (``_commit_locked``)."""
+    calls: list[int] = []
+    real = j._commit_locked
+
+    def counting(recs: list[object]) -> None:
+        calls.append(len(recs))
+        real(recs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(j, "_commit_locked", counting)
+    return calls
+
+
+def test_writes_inside_a_recorded_interval_skip_the_lock_and_write_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j = DirtyJournal(tmp_path, "g")  # 1 MiB regions, 4 KiB fine intervals
+    j.mark(Open(1, b"db"))
+    j.mark(Write(1, 0, b"x" * PAGE))  # region 0, interval [0, 4 KiB)
+    size = log_size(tmp_path)
+    commits = count_commits(j, monkeypatch)
+    for _ in range(20):
+        j.mark(Write(1, 100, b"y" * 50))  # inside the recorded interval
+        j.mark(Fsync(1, b"", True))  # records nothing
+    assert commits == [] and log_size(tmp_path) == size
+    j.mark(Write(1, 2 * PAGE, b"z"))  # a new interval: the locked path, one record
+    assert commits == [1] and log_size(tmp_path) > size
+    assert list(j.dirty_files()) == [(b"db", [(0, PAGE), (2 * PAGE, PAGE)])]
+
+
+@pytest.mark.parametrize("change", ["rename", "unlink", "clear", "reset", "release"])
+def test_what_moves_or_drops_a_record_sends_the_next_write_through_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """A handle's remembered range goes stale with its file's record: the next write to it
+    records again, under the file's current name (or nothing, once unlinked)."""
+    j = DirtyJournal(tmp_path, "g")
+    j.mark(Open(1, b"a"))
+    j.mark(Write(1, 0, b"x" * PAGE))
+    commits = count_commits(j, monkeypatch)
+    j.mark(Write(1, 0, b"x"))
+    assert commits == []
+    if change == "rename":
+        j.mark(Rename(b"a", b"b", 0))
+    elif change == "unlink":
+        j.mark(Unlink(b"a"))
+    elif change == "clear":
+        j.clear_file(b"a")
+    elif change == "reset":
+        j.reset("g2")
+    else:
+        j.mark(Release(1))
+        j.mark(Open(1, b"c"))  # the same handle number, another file
+    commits.clear()
+    j.mark(Write(1, 0, b"x"))
+    assert commits, "a stale range let the write pass without the lock"
+    files = dict(j.dirty_files())
+    if change == "rename":
+        assert files == {b"b": [(0, PAGE)]}
+    elif change == "unlink":
+        assert files == {}  # no name reaches the file: nothing to record
+    elif change == "release":
+        assert files[b"c"] == [(0, PAGE)]
+    else:
+        assert files == {b"a": [(0, PAGE)]}
+
+
+def test_a_closed_or_failed_journal_lets_no_write_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j = DirtyJournal(tmp_path, "g")
+    j.mark(Open(1, b"a"))
+    j.mark(Write(1, 0, b"x"))
+    j._failed = JournalWriteError("disk gone")
+    with pytest.raises(JournalWriteError):
+        j.mark(Write(1, 0, b"x"))
+    with pytest.raises(JournalWriteError):
+        j.mark(Fsync(1, b"", True))
+    j._failed = None
+    j.close()
+    with pytest.raises(jm.JournalClosed):
+        j.mark(Write(1, 0, b"x"))
