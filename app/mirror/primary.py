@@ -242,6 +242,16 @@ class DirPrimary:
 
     def _forward(self, link: Link, op: ops.Op) -> Pending | None:
         """Queue ``op`` on the link (ordering lock held); None when it stays local."""
+        if isinstance(op, ops.Write | ops.Fsync) and op.fh >= 0:
+            # the hot path (data by handle): the same rules as below, without the walk
+            # over the op's fields
+            if op.fh not in self.sent_open:
+                path = self.fh_paths.get(op.fh)
+                if self.mode == "resync" and path is not None:
+                    self.redo.add(path)
+                return None
+            self.svc.ops_sent += 1
+            return link.submit(lambda i: Request(i, op), self._data_result(link, op))
         paths = op_paths(op)
         fh = op_fh(op)
         if fh is not None and not isinstance(op, ops.Open | ops.Create):
@@ -274,6 +284,21 @@ class DirPrimary:
 
         self.svc.ops_sent += 1
         return link.submit(lambda i: Request(i, op), on_result)
+
+    def _data_result(self, link: Link, op: ops.Write | ops.Fsync) -> Callable[[Event | None], None]:
+        """The answer handler of a Write or Fsync by handle (``_forward``'s hot path): a
+        Nack while resyncing redoes the file, otherwise it drops the peer."""
+
+        def on_result(ev: Event | None) -> None:
+            if not isinstance(ev, Nack):
+                return
+            path = self.fh_paths.get(op.fh) or b""
+            if self.mode == "resync" and self.link is link:
+                self.redo.add(path)
+            else:
+                self.drop(link, f"peer refused {type(op).__name__} {[path]!r}: {ev.message}")
+
+        return on_result
 
     # -- link management ------------------------------------------------------------
 
