@@ -3,7 +3,7 @@
 Builds the lab (app/lab.py), starts both daemons from this very program (the built file or
 `python -m app`), makes node1 primary as an admin would on a first start, and prints where to
 look. Ctrl-C (or the --minutes limit) stops both nodes cleanly and tears everything down.
-Needs root (network and mount namespaces) and libfuse 3 for the replicated directory.
+Needs root (network and mount namespaces) and /dev/fuse for the replicated directory.
 """
 
 from __future__ import annotations

@@ -117,8 +117,7 @@ async def serve_node(cfg: Config, me: str, state_dir: Path, start: bool) -> None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
-    # Our own SIGHUP handler, set before any FUSE mount: libfuse takes over signals left at
-    # their default, and would end a mount on a stray SIGHUP.
+    # A stray SIGHUP (a closed terminal, a careless kill -HUP) must not end the node.
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored"))
     admin = cfg.cluster.node(me).admin
     bind = (

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Install the Debian packages mirrorha's demo and tests need, only those missing.
-#   tools/apt-deps.sh demo     the demo: libfuse 3, iproute2, ping, python3
+#   tools/apt-deps.sh demo     the demo: fuse3 (fusermount3), iproute2, ping, python3
 #   tools/apt-deps.sh test     everything the test suite runs against
 set -euo pipefail
-DEMO=(fuse3 libfuse3-3 iproute2 iputils-ping procps python3 python3-venv curl)
+DEMO=(fuse3 iproute2 iputils-ping procps python3 python3-venv curl)
 TEST=("${DEMO[@]}" psmisc rsync keepalived vagrant nftables chromium chromium-driver
       postgresql postgresql-contrib sqlite3)
 case "${1:-test}" in

@@ -25,7 +25,7 @@ Exceptions
 Known limits
     - No negation (``!pattern``) and no ``**``: fnmatch's ``*`` already crosses ``/``.
     - Names are matched as bytes; a pattern is encoded as UTF-8 (surrogateescape), like the
-      paths libfuse hands the FUSE layer.
+      paths the FUSE session hands the FUSE layer.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Can this host run the FUSE layer? If not, say exactly what is missing and how to fix it.
 
 How it works
-    ``fuse_unavailable_reason()`` runs three probes and returns None when all pass, otherwise
+    ``fuse_unavailable_reason()`` runs two probes and returns None when both pass, otherwise
     one sentence per failing probe, joined by "; ". Each sentence names what is missing and
     the command that fixes it; the service shows it next to "async" when it falls back to the
     inotify mode (asyncmode.py). The probes are module-level functions so tests can replace
@@ -9,9 +9,8 @@ How it works
 
     - ``probe_dev_fuse()``: /dev/fuse exists and opens read-write (the kernel module is loaded
       and, in a container, the device was passed in);
-    - ``probe_libfuse()``: libfuse 3 loads through ctypes (``ctypes.util.find_library("fuse3")``,
-      else the soname ``libfuse3.so.3``), as mfusepy will load it;
-    - ``probe_fusermount()``: ``fusermount3`` is on PATH, or we are root (root mounts directly).
+    - ``probe_root()``: we run as root. The FUSE session (fuseloop.py) mounts with mount(2),
+      which needs CAP_SYS_ADMIN; there is no fusermount3 helper and no libfuse to load.
 
 Exceptions
     None: every failure is reported in the returned sentence, never raised.
@@ -20,20 +19,17 @@ Known limits
     - A passing check does not prove a mount will succeed (a seccomp or AppArmor profile, a
       read-only /etc/mtab, or a user namespace without CAP_SYS_ADMIN can still refuse it); the
       mount itself reports those (mount.MountError).
-    - The library probe loads libfuse into this process (harmless: mfusepy does the same).
+    - The root probe looks at the effective uid, not at capabilities: a root without
+      CAP_SYS_ADMIN passes it and fails at the mount, which says so.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
-import shutil
 from typing import Final
 
 DEV_FUSE: Final = "/dev/fuse"
-LIBFUSE_SONAME: Final = "libfuse3.so.3"
 
 
 def probe_dev_fuse(path: str = DEV_FUSE) -> str | None:
@@ -57,29 +53,14 @@ def probe_dev_fuse(path: str = DEV_FUSE) -> str | None:
     return None
 
 
-def probe_libfuse() -> str | None:
-    """None when libfuse 3 loads with ctypes, else what is wrong and the fix."""
-    name = ctypes.util.find_library("fuse3")
-    try:
-        ctypes.CDLL(name or LIBFUSE_SONAME)
-    except OSError as exc:
-        if name is None:
-            return "libfuse 3 is not installed: apt-get install fuse3"
-        return (
-            f"libfuse 3 ({name}) is installed but does not load ({exc}): "
-            "apt-get install --reinstall libfuse3-3"
-        )
-    return None
-
-
-def probe_fusermount() -> str | None:
-    """None when fusermount3 is on PATH or we are root, else what is missing and the fix."""
-    if os.geteuid() == 0 or shutil.which("fusermount3") is not None:
+def probe_root() -> str | None:
+    """None when we run as root, else why the mount cannot be made and the fix."""
+    if os.geteuid() == 0:
         return None
-    return "fusermount3 is not installed and mirrorha is not root: apt-get install fuse3"
+    return "mirrorha is not root and mounting FUSE needs root (CAP_SYS_ADMIN): run it as root"
 
 
 def fuse_unavailable_reason() -> str | None:
     """None when the FUSE layer can be used, else every missing piece and its fix, in one line."""
-    problems = [p for p in (probe_dev_fuse(), probe_libfuse(), probe_fusermount()) if p]
+    problems = [p for p in (probe_dev_fuse(), probe_root()) if p]
     return "; ".join(problems) if problems else None

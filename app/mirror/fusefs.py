@@ -1,16 +1,16 @@
 """The primary's FUSE filesystem: every change is applied locally and replicated, reads stay local.
 
 How it works
-    ``MirrorFS`` is an mfusepy ``Operations`` subclass mounted OVER the replicated directory.
+    ``MirrorFS`` is the filesystem fuseloop.py serves, mounted OVER the replicated directory.
     The daemon opened that directory (``root_fd``) before mounting, so every operation works
     relative to it with ``*at()`` calls (``dir_fd=root_fd``, ``follow_symlinks=False``) and never
-    walks back into its own mount. Paths arrive from libfuse as ``str`` decoded with
+    walks back into its own mount. Paths arrive from the loop as ``str`` decoded with
     ``utf-8``/``surrogateescape`` and are turned back into the kernel's exact ``bytes``, so names
     that are not UTF-8 round-trip. Extended attributes, which have no ``*at()`` call, go through
     ``/proc/self/fd/<root_fd>/<path>`` (still relative to the handle, final link not followed).
-    The libfuse glue (``serve`` and the binding that puts back what mfusepy drops: rename
-    flags, handles of truncate/chmod/chown/utimens, the writepage bit, lseek) is fusebinding.py;
-    the per-handle record is fusefs_handles.py, the system calls ``os`` lacks fusefs_sys.py.
+    The FUSE session (the kernel's requests, the node table, the threads) is fuseloop.py,
+    what both share (paths, the request's caller, the set-ID rule) fusebinding.py; the
+    per-handle record is fusefs_handles.py, the system calls ``os`` lacks fusefs_sys.py.
 
     A change calls ``replicator.apply(op, local)`` with the ``app.mirror.ops`` value and a closure
     that makes the local change; reads, getattr, readdir, readlink, statfs, lseek and xattr reads
@@ -18,14 +18,14 @@ How it works
     flags; fusefs_handles.py); handles opened for writing are announced with ``Open``/``Create``
     and dropped with ``Release``.
 
-    Offsets: the kernel computes O_APPEND offsets from its cached size, which is wrong for a
-    file written through another hard-linked name (libfuse's high-level API gives every name
-    its own kernel inode). So the local fd is opened without O_APPEND and an append handle's
-    offset is the real file size, read under a per-inode lock held across the ``Write``: the
-    op always carries the offset the bytes really landed at. Writeback caching is switched off
-    (the kernel would then compute O_APPEND itself and ``write()`` would return before the data
-    reached us, breaking "acknowledged means replicated"); mmap writes reach ``write()`` when the
-    kernel writes the pages back (msync, munmap, fsync).
+    Offsets: the kernel computes O_APPEND offsets from its cached size, which is wrong for a file
+    written through another hard-linked name (the loop gives every name its own kernel inode, as
+    libfuse's high-level API did). So the local fd is opened without O_APPEND and an append handle's
+    offset is the real file size, read under a per-inode lock held across the ``Write``: the op
+    always carries the offset the bytes really landed at. Writeback caching is switched off (the
+    kernel would then compute O_APPEND itself and ``write()`` would return before the data reached
+    us, breaking "acknowledged means replicated"); mmap writes reach ``write()`` when the kernel
+    writes the pages back (msync, munmap, fsync).
 
     Times: writes change mtime on each side at a different moment, so when a handle that
     changed data is released, and after a truncate by path, a ``Utimens`` with the local
@@ -39,7 +39,7 @@ How it works
     same write + fdatasync).
 
     Set-ID bits: the mount takes from the kernel (FUSE_HANDLE_KILLPRIV_V2, asked for in
-    fusebinding.py) the clearing of setuid/setgid when a caller without CAP_FSETID writes,
+    fuseloop.py's INIT) the clearing of setuid/setgid when a caller without CAP_FSETID writes,
     truncates or allocates (``_drop_setid``: a ``Chmod`` before the change, replicated like
     any), so the kernel no longer asks for security.capability before every write: that was a
     round trip of its own per write (the application slept 3 times per 4 KiB write +
@@ -74,8 +74,8 @@ Known limits
     - Hard links: each name is its own kernel inode, so attributes seen through one name
       (st_nlink after unlinking another name, size) can lag by up to ``attr_timeout`` (1 s).
     - fstat() of a file unlinked while open fails with ESTALE once its cached attributes
-      expire: the kernel sends no handle with GETATTR and libfuse's high-level API has no
-      path for it (``hard_remove``). read/write/ftruncate/fsync on the handle keep working.
+      expire: the kernel sends no handle with GETATTR and the node has no path any more.
+      read/write/ftruncate/fsync on the handle keep working.
     - Directory and symlink times follow a namespace change on the peer up to
       primary.TIMES_PERIOD_S later (the primary sends them; regular files get their times
       replicated when the handle is released).
@@ -84,12 +84,13 @@ Known limits
     - A write that fails half way (ENOSPC) leaves the written part locally, not on the peer.
     - No POSIX ACLs, no ioctl, no copy_file_range (the kernel falls back to read/write).
     - ``chown(path, -1, -1)`` (no owner change) of a setuid file keeps setuid, where a local
-      filesystem clears it: the kernel's request for that carries only a flag libfuse 3.14
-      drops. A real owner change clears it.
+      filesystem clears it: with FUSE_HANDLE_KILLPRIV_V2 the kernel leaves that to the
+      filesystem but sends no request that says so. A real owner change clears it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -99,9 +100,8 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
-
-import mfusepy
+from contextlib import AbstractContextManager
+from typing import TypeVar
 
 from app.mirror import crossing, ops
 from app.mirror.exclude import Exclusions
@@ -110,14 +110,13 @@ from app.mirror.fusebinding import (
     ENCODING,
     ERRORS,
     MAX_WRITE,
-    MOUNT_OPTIONS,
     UTIME_NOW,
     UTIME_OMIT,
     fuse_errors,
     name_str,
     rel_path,
+    request_context,
     resolve_times,
-    serve,
     setid_cleared,
     stat_dict,
     xattr_name,
@@ -136,23 +135,24 @@ from app.mirror.fusefs_sys import (
 )
 from app.mirror.ops import Replicator
 
-# serve, MOUNT_OPTIONS, CacheTimeouts and DEFAULT_TIMEOUTS live in fusebinding.py and are
-# re-exported from here.
+# CacheTimeouts and DEFAULT_TIMEOUTS live in fusebinding.py and are re-exported from here.
 __all__ = [
     "DEFAULT_TIMEOUTS",
-    "MOUNT_OPTIONS",
+    "MAX_WRITE",
     "UTIME_NOW",
     "UTIME_OMIT",
     "CacheTimeouts",
     "MirrorFS",
-    "serve",
 ]
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+#: how the loop gives a hot operation its file's path: a context manager, the path true
+#: (no rename can move it) while it is open
+Name = Callable[[], AbstractContextManager[str | None]]
 
-FUSE_CAP_WRITEBACK_CACHE = 1 << 16
+_SETID = stat.S_ISUID | stat.S_ISGID
 
 _STATVFS_KEYS = (
     "f_bsize",
@@ -167,10 +167,8 @@ _STATVFS_KEYS = (
 )
 
 
-class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
+class MirrorFS:
     """Pass-through filesystem over ``root_fd`` that replicates every change via ``replicator``."""
-
-    use_ns = True  # mfusepy: times as integer nanoseconds
 
     def __init__(
         self,
@@ -242,7 +240,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
 
     def _creator(self, rel: bytes) -> tuple[int, int, bool]:
         """Owner of a new entry: the caller, with the parent's group if it is setgid."""
-        uid, gid, _pid = mfusepy.fuse_get_context()
+        uid, gid, _pid = request_context()
         parent = rel.rpartition(b"/")[0] or b"."
         pst = os.stat(parent, dir_fd=self._root, follow_symlinks=False)
         if pst.st_mode & stat.S_ISGID:
@@ -277,20 +275,32 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
     # -- reads (local only) --------------------------------------------------------------
 
     @fuse_errors
-    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
+    def stat(self, path: str | None, fh: int | None = None) -> os.stat_result:
+        """The attributes of the open handle ``fh`` or, without one, of ``path`` (not
+        following a final symlink)."""
         handle = self._handles.get(fh) if fh else None
         if handle is not None:
-            return stat_dict(os.fstat(handle.fd))
-        rel = rel_path(path)
-        return stat_dict(os.stat(self._at(rel), dir_fd=self._root, follow_symlinks=False))
+            return os.fstat(handle.fd)
+        return os.stat(self._at(rel_path(path)), dir_fd=self._root, follow_symlinks=False)
+
+    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
+        """``stat`` as a dict of st_* fields."""
+        return stat_dict(self.stat(path, fh))
 
     @fuse_errors
     def readdir(self, path: str | None, fh: int) -> list[str | tuple[str, dict[str, int], int]]:
         rel = rel_path(path)
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         dfd = os.open(self._at(rel), flags, dir_fd=self._root)
-        entries: list[str | tuple[str, dict[str, int], int]] = [".", ".."]
         try:
+            # "." and ".." with their inode numbers: an entry with d_ino 0 is one that
+            # readdir(3) skips, and ls -a would not list them
+            here = os.fstat(dfd)
+            up = os.stat("..", dir_fd=dfd, follow_symlinks=False)
+            entries: list[str | tuple[str, dict[str, int], int]] = [
+                (".", {"st_ino": here.st_ino, "st_mode": stat.S_IFDIR}, 0),
+                ("..", {"st_ino": up.st_ino, "st_mode": stat.S_IFDIR}, 0),
+            ]
             with os.scandir(dfd) as it:
                 for entry in it:
                     if entry.is_symlink():
@@ -447,23 +457,58 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
 
     @fuse_errors
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
-        return self.write_at(path, data, offset, fh, writepage=False)
+        return self.write_fh(fh, data, offset, False, lambda: contextlib.nullcontext(path))
 
     @fuse_errors
     def write_at(self, path: str | None, data: bytes, offset: int, fh: int, writepage: bool) -> int:
         """``write``, knowing whether it is the kernel writing back mmap'ed pages."""
-        handle = self._writable(fh)
+        return self.write_fh(fh, data, offset, writepage, lambda: contextlib.nullcontext(path))
+
+    def write_fh(self, fh: int, data: bytes, offset: int, writepage: int, name: Name) -> int:
+        """The loop's write. ``name()`` is a context manager giving the file's path, true
+        while it is open: asked only when a set-ID bit must be cleared by name (most writes
+        never need it), and before the file's inode lock, the order every other operation
+        takes them in (a rename holds the name lock and may take the inode lock)."""
+        handle = self._handles.get(fh)
+        if handle is None or not handle.writable:
+            raise OSError(errno.EBADF, "unknown file handle, or not open for writing")
+        if writepage:  # mmap'ed pages written back clear nothing, as on a local fs
+            return self._write_locked(handle, fh, data, offset, setid=False)
+        done = self._write_locked(handle, fh, data, offset)
+        if done < 0:  # a set-ID bit to clear by name: again, with the name held
+            with name() as path:
+                done = self._write_locked(handle, fh, data, offset, named=(path,))
+        return done
+
+    def _write_locked(
+        self,
+        handle: _Handle,
+        fh: int,
+        data: bytes,
+        offset: int,
+        *,
+        setid: bool = True,
+        named: tuple[str | None] | None = None,
+    ) -> int:
+        """The write under the file's inode lock; -1 (nothing written) when a set-ID bit
+        must be cleared and no name is held (``named`` None): the caller comes back with
+        ``named=(path,)``, path None when the file has no name any more."""
         with handle.lock:
-            if not writepage:  # mmap'ed pages written back clear nothing, as on a local fs
+            if setid:
                 st = os.fstat(handle.fd)
-                self._drop_setid(handle.fd, handle.replicated, path, st)
+                if st.st_mode & _SETID and setid_cleared(st) is not None:
+                    if named is None:
+                        return -1
+                    self._drop_setid(handle.fd, handle.replicated, named[0], st)
                 if handle.append:
                     offset = st.st_size
-            self._change(
-                handle.replicated,
-                ops.Write(fh, offset, data),
-                lambda: _pwrite_all(handle.fd, data, offset),
-            )
+            fd = handle.fd
+            if handle.replicated:
+                self._replicator.apply(
+                    ops.Write(fh, offset, data), lambda: _pwrite_all(fd, data, offset)
+                )
+            else:
+                _pwrite_all(fd, data, offset)
             handle.wrote = True
         return len(data)
 
@@ -516,17 +561,26 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
 
     @fuse_errors
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
+        self.fsync_fh(fh, datasync, lambda: contextlib.nullcontext(path))
+        return 0
+
+    def fsync_fh(self, fh: int, datasync: int, name: Name) -> None:
+        """The loop's fsync. ``name()`` (as for ``write_fh``) is asked only for a handle the
+        peer does not know (opened read-only: the peer syncs the file by path)."""
         handle = self._handle(fh)
         sync = os.fdatasync if datasync else os.fsync
         if handle.writable and handle.replicated:
-            op = ops.Fsync(fh, b"", bool(datasync))
-        elif handle.writable or path is None or self._excluded(rel_path(path), is_dir=False):
-            sync(handle.fd)  # excluded, or a read-only handle of an unlinked file: local only
-            return 0
-        else:
+            self._replicator.apply(ops.Fsync(fh, b"", bool(datasync)), lambda: sync(handle.fd))
+            return
+        if handle.writable:
+            sync(handle.fd)  # excluded: local only
+            return
+        with name() as path:
+            if path is None or self._excluded(rel_path(path), is_dir=False):
+                sync(handle.fd)  # excluded, or a read-only handle of an unlinked file
+                return
             op = ops.Fsync(-1, rel_path(path), bool(datasync))
-        self._replicator.apply(op, lambda: sync(handle.fd))
-        return 0
+            self._replicator.apply(op, lambda: sync(handle.fd))
 
     @fuse_errors
     def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
@@ -592,7 +646,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
 
     @fuse_errors
     def symlink(self, target: str | None, source: str) -> int:
-        """mfusepy's naming: ``target`` is the new link's path, ``source`` its content."""
+        """``target`` is the new link's path, ``source`` its content (fusepy's naming)."""
         rel = rel_path(target)
         content = source.encode(ENCODING, ERRORS)
         uid, gid, _setgid = self._creator(rel)
@@ -665,7 +719,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
 
     @fuse_errors
     def link(self, target: str | None, source: str | None) -> int:
-        """mfusepy's naming: ``target`` is the new name, ``source`` the existing file."""
+        """``target`` is the new name, ``source`` the existing file (fusepy's naming)."""
         new, existing = rel_path(target), rel_path(source)
         replicated = not self._excluded(new, False)
         if replicated == self._excluded(existing, False):
@@ -691,7 +745,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         replicated when ``replicated``, as a chmod is.
 
         The kernel leaves that to the mount: it asked for FUSE_HANDLE_KILLPRIV_V2
-        (fusebinding.py), so the kernel does not look up security.capability before each
+        (fuseloop.py), so the kernel does not look up security.capability before each
         write. The capability attribute itself goes away by the real file's own kernel, on
         each copy, when root writes, truncates or allocates there.
         """
@@ -789,23 +843,6 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         return 0
 
     # -- lifecycle -----------------------------------------------------------------------
-
-    def init_with_config(self, conn_info: Any, config_3: Any) -> None:
-        """Pin the cache behaviour the module docstring relies on (runs once, at mount)."""
-        if config_3 is not None:
-            config_3.entry_timeout = self.timeouts.entry
-            config_3.attr_timeout = self.timeouts.attr
-            config_3.negative_timeout = self.timeouts.negative
-            config_3.use_ino = 1
-            config_3.hard_remove = 1  # unlink really unlinks (no .fuse_hidden files to replicate)
-            config_3.nullpath_ok = 0  # paths of open files, so Release can replicate their times
-            config_3.kernel_cache = 0
-            config_3.direct_io = 0  # page cache on, so shared writable mmap works
-        if conn_info is not None:
-            conn_info.want &= ~FUSE_CAP_WRITEBACK_CACHE
-            # Writes of up to MAX_WRITE per request instead of 128 KiB (libfuse asks the kernel
-            # for max_pages to match): one round trip to the peer per MiB, not eight.
-            conn_info.max_write = MAX_WRITE
 
     def close_all(self) -> None:
         """Close the local fds of handles the kernel never released (after an abort)."""

@@ -2,16 +2,16 @@
 
 How it works
     ``MirrorMount(path, replicator)``: ``start()`` clears a stale mount left at ``path`` by a
-    crashed daemon, refuses a live one, opens the real directory (``O_PATH``) BEFORE mounting,
-    then runs libfuse's multithreaded loop (``fusefs.serve``) in a background thread of this
-    process, so the replicator is shared in memory. FUSE request threads call the replicator
-    directly; they never touch an asyncio loop. ``wait_ready(timeout)`` returns once
-    /proc/self/mountinfo lists the mount and a ``stat`` through it answers. ``stop()`` detaches
-    the mount lazily (``umount2(MNT_DETACH)``, ``fusermount3 -u -z`` as fallback), waits for the
-    loop to end, aborts the FUSE connection (/sys/fs/fuse/connections/N/abort) if processes
-    still hold files in the detached tree, then closes the directory handle. ``start``/``stop``
-    are idempotent; the object is a context manager (start + wait_ready, then stop).
-    ``exclude`` (the directory's exclude patterns, see exclude.py) is handed to ``MirrorFS``.
+    crashed daemon, refuses a live one, opens the real directory (``O_PATH``) BEFORE mounting, then
+    runs the FUSE session (``fuseloop.serve``: /dev/fuse, mount(2), worker threads) in a background
+    thread of this process, so the replicator is shared in memory. FUSE request threads call the
+    replicator directly; they never touch an asyncio loop. ``wait_ready(timeout)`` returns once
+    /proc/self/mountinfo lists the mount and a ``stat`` through it answers. ``stop()`` detaches the
+    mount lazily (``umount2(MNT_DETACH)``, ``fusermount3 -u -z`` as fallback), waits for the loop to
+    end, aborts the FUSE connection (/sys/fs/fuse/connections/N/abort) if processes still hold files
+    in the detached tree, then closes the directory handle. ``start``/``stop`` are idempotent; the
+    object is a context manager (start + wait_ready, then stop). ``exclude`` (the directory's
+    exclude patterns, see exclude.py) is handed to ``MirrorFS``.
 
     ``clean_stale_mount(path)`` unmounts FUSE mounts at ``path`` whose daemon is gone
     ("transport endpoint is not connected"); ``fuse_mounts(path)`` lists them.
@@ -22,13 +22,10 @@ Exceptions
     OSError           opening the directory (ENOENT, ENOTDIR, EACCES) propagates unchanged.
 
 Known limits
-    - libfuse's fuse_main installs its exit handler on SIGHUP/SIGTERM/SIGINT while they are
-      SIG_DFL: the daemon must install its own handlers before ``start()``.
-    - Needs root (or user_allow_other in /etc/fuse.conf) for allow_other.
+    - Needs root: mount(2) itself, and allow_other.
     - The daemon's own process must not mmap files of its mount: a page fault taken while
       holding the GIL waits for a FUSE thread that needs the GIL (deadlock). Plain syscalls
       release the GIL and are fine (the tests run through the mount in-process this way).
-    - libfuse 3.14 prints "Ignoring invalid max threads value" on each mount (harmless).
 """
 
 from __future__ import annotations
@@ -44,7 +41,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-from app.mirror.fusefs import DEFAULT_TIMEOUTS, CacheTimeouts, MirrorFS, serve
+from app.mirror.fusefs import DEFAULT_TIMEOUTS, CacheTimeouts, MirrorFS
+from app.mirror.fuseloop import serve
 from app.mirror.ops import Replicator
 
 FSNAME = "mirrorha"

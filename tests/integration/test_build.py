@@ -81,7 +81,7 @@ def test_built_file_imports_every_runtime_module(pyz: Path, tmp_path: Path) -> N
     assert r.returncode == 0, r.stderr
     site = next((tmp_path / "shiv").glob("*/site-packages"))
     code = (
-        "import orjson, starlette, hypercorn, pyroute2, inotify_simple, httpx, mfusepy\n"
+        "import orjson, starlette, hypercorn, pyroute2, inotify_simple, httpx\n"
         "import app.node, app.cluster.core, app.mirror.protocol, app.api.server\n"
         "print('ok', orjson.dumps({'a': 1}).decode())\n"
     )

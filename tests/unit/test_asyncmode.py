@@ -182,23 +182,20 @@ def test_block_size_is_checked(tmp_path: Path) -> None:
 # -- fusecheck ----------------------------------------------------------------------------
 
 
-def _probes(
-    monkeypatch: pytest.MonkeyPatch, dev: str | None, lib: str | None, mount: str | None
-) -> None:
+def _probes(monkeypatch: pytest.MonkeyPatch, dev: str | None, root: str | None) -> None:
     monkeypatch.setattr(fusecheck, "probe_dev_fuse", lambda: dev)
-    monkeypatch.setattr(fusecheck, "probe_libfuse", lambda: lib)
-    monkeypatch.setattr(fusecheck, "probe_fusermount", lambda: mount)
+    monkeypatch.setattr(fusecheck, "probe_root", lambda: root)
 
 
 def test_fuse_usable_when_every_probe_passes(monkeypatch: pytest.MonkeyPatch) -> None:
-    _probes(monkeypatch, None, None, None)
+    _probes(monkeypatch, None, None)
     assert fusecheck.fuse_unavailable_reason() is None
 
 
 def test_every_missing_piece_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    _probes(monkeypatch, "/dev/fuse does not exist: x", None, "fusermount3 is not installed: y")
+    _probes(monkeypatch, "/dev/fuse does not exist: x", "mirrorha is not root: y")
     assert fusecheck.fuse_unavailable_reason() == (
-        "/dev/fuse does not exist: x; fusermount3 is not installed: y"
+        "/dev/fuse does not exist: x; mirrorha is not root: y"
     )
 
 
@@ -216,31 +213,9 @@ def test_dev_fuse_that_cannot_be_opened(monkeypatch: pytest.MonkeyPatch) -> None
     assert reason is not None and "cannot be opened read-write" in reason
 
 
-def test_missing_libfuse(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_lib(name: str) -> object:
-        raise OSError(f"{name}: cannot open shared object file")
-
-    monkeypatch.setattr(fusecheck.ctypes.util, "find_library", lambda name: None)
-    monkeypatch.setattr(fusecheck.ctypes, "CDLL", no_lib)
-    assert fusecheck.probe_libfuse() == "libfuse 3 is not installed: apt-get install fuse3"
-
-
-def test_libfuse_found_but_broken(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(name: str) -> object:
-        raise OSError("undefined symbol")
-
-    monkeypatch.setattr(fusecheck.ctypes.util, "find_library", lambda name: "libfuse3.so.3")
-    monkeypatch.setattr(fusecheck.ctypes, "CDLL", broken)
-    reason = fusecheck.probe_libfuse()
-    assert reason is not None and "does not load" in reason and "libfuse3-3" in reason
-
-
-def test_fusermount_needed_only_when_not_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fusecheck.shutil, "which", lambda name: None)
+def test_mounting_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fusecheck.os, "geteuid", lambda: 0)
-    assert fusecheck.probe_fusermount() is None
+    assert fusecheck.probe_root() is None
     monkeypatch.setattr(fusecheck.os, "geteuid", lambda: 1000)
-    reason = fusecheck.probe_fusermount()
-    assert reason is not None and "apt-get install fuse3" in reason
-    monkeypatch.setattr(fusecheck.shutil, "which", lambda name: "/usr/bin/fusermount3")
-    assert fusecheck.probe_fusermount() is None
+    reason = fusecheck.probe_root()
+    assert reason is not None and "not root" in reason and "CAP_SYS_ADMIN" in reason

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 
 import pytest
 
 from app.mirror import fusebinding
 from app.mirror.fusebinding import Caller, request_caller, setid_cleared
+
+
+@pytest.fixture(autouse=True)
+def no_request_left() -> Iterator[None]:
+    """The caller a test sets for this thread does not outlive the test."""
+    yield
+    fusebinding.set_request(os.getuid(), os.getgid(), os.getpid())
 
 
 def _st(mode: int, gid: int = 100) -> os.stat_result:
@@ -56,7 +64,7 @@ def test_a_file_without_set_id_bits_never_asks_who_the_caller_is(
 def test_request_caller_reads_the_callers_capabilities_and_groups(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(fusebinding.mfusepy, "fuse_get_context", lambda: (0, 0, os.getpid()))
+    fusebinding.set_request(0, 0, os.getpid())
     me = request_caller()
     with open("/proc/self/status") as f:
         status = dict(line.split(":", 1) for line in f)
@@ -68,5 +76,5 @@ def test_request_caller_reads_the_callers_capabilities_and_groups(
 def test_a_caller_that_cannot_be_read_gets_no_privilege(
     monkeypatch: pytest.MonkeyPatch, pid: int
 ) -> None:
-    monkeypatch.setattr(fusebinding.mfusepy, "fuse_get_context", lambda: (0, 0, pid))
+    fusebinding.set_request(0, 0, pid)
     assert request_caller() == Caller(fsetid=False, groups=frozenset())

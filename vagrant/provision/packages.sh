@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Distribution packages for a lab VM. Usage: packages.sh node|client
-#   node:   python3 (runs the built file), fuse3 (libfuse 3, the one system dependency), curl
+#   node:   python3 (runs the built file), fuse3 (fusermount3, the unmount fallback), curl
 #   client: curl (the scenarios reach the VIP from here); it is also the witness, which only
 #           has to answer ping
 set -euo pipefail
