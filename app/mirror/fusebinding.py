@@ -12,7 +12,7 @@ How it works
     before every write).
 
     Also here: ``fuse_errors`` (the decorator of every operation: only ``OSError`` with a
-    positive errno leaves it), ``stat_dict``, ``xattr_name``, ``resolve_times``
+    positive errno leaves it), ``xattr_name``, ``resolve_times``
     (UTIME_NOW/UTIME_OMIT as the loop passes them) and ``CacheTimeouts``, the kernel cache
     timeouts a mount is configured with.
 
@@ -54,7 +54,7 @@ R = TypeVar("R")
 
 @dataclass(frozen=True, slots=True)
 class CacheTimeouts:
-    """Seconds the kernel may trust what it learnt (libfuse config entry/attr/negative_timeout).
+    """Seconds the kernel may trust what it learnt: entries, attributes, missing names.
 
     Every change goes through this mount, and the kernel updates or drops what a change
     through the mount touches, so caching is safe; only hard-linked aliases can lag (see the
@@ -88,23 +88,6 @@ def fuse_errors(fn: Callable[P, R]) -> Callable[P, R]:
             raise OSError(errno.EIO, "internal error") from exc
 
     return wrapper
-
-
-def stat_dict(st: os.stat_result) -> dict[str, int]:
-    return {
-        "st_mode": st.st_mode,
-        "st_ino": st.st_ino,
-        "st_nlink": st.st_nlink,
-        "st_uid": st.st_uid,
-        "st_gid": st.st_gid,
-        "st_rdev": st.st_rdev,
-        "st_size": st.st_size,
-        "st_blocks": st.st_blocks,
-        "st_blksize": st.st_blksize,
-        "st_atime": st.st_atime_ns,
-        "st_mtime": st.st_mtime_ns,
-        "st_ctime": st.st_ctime_ns,
-    }
 
 
 def rel_path(path: str | None) -> bytes:

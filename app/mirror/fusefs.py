@@ -90,7 +90,6 @@ Known limits
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import itertools
@@ -118,7 +117,6 @@ from app.mirror.fusebinding import (
     request_context,
     resolve_times,
     setid_cleared,
-    stat_dict,
     xattr_name,
 )
 from app.mirror.fusebinding import CacheTimeouts as CacheTimeouts
@@ -283,12 +281,10 @@ class MirrorFS:
             return os.fstat(handle.fd)
         return os.stat(self._at(rel_path(path)), dir_fd=self._root, follow_symlinks=False)
 
-    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
-        """``stat`` as a dict of st_* fields."""
-        return stat_dict(self.stat(path, fh))
-
     @fuse_errors
-    def readdir(self, path: str | None, fh: int) -> list[str | tuple[str, dict[str, int], int]]:
+    def readdir(self, path: str | None, fh: int) -> list[tuple[str, int, int]]:
+        """The directory's entries as (name, inode number, file type bits), "." and ".."
+        first."""
         rel = rel_path(path)
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         dfd = os.open(self._at(rel), flags, dir_fd=self._root)
@@ -297,10 +293,7 @@ class MirrorFS:
             # readdir(3) skips, and ls -a would not list them
             here = os.fstat(dfd)
             up = os.stat("..", dir_fd=dfd, follow_symlinks=False)
-            entries: list[str | tuple[str, dict[str, int], int]] = [
-                (".", {"st_ino": here.st_ino, "st_mode": stat.S_IFDIR}, 0),
-                ("..", {"st_ino": up.st_ino, "st_mode": stat.S_IFDIR}, 0),
-            ]
+            entries = [(".", here.st_ino, stat.S_IFDIR), ("..", up.st_ino, stat.S_IFDIR)]
             with os.scandir(dfd) as it:
                 for entry in it:
                     if entry.is_symlink():
@@ -311,7 +304,7 @@ class MirrorFS:
                         kind = stat.S_IFREG
                     else:
                         kind = stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode)
-                    entries.append((entry.name, {"st_ino": entry.inode(), "st_mode": kind}, 0))
+                    entries.append((entry.name, entry.inode(), kind))
         finally:
             os.close(dfd)
         return entries
@@ -455,15 +448,6 @@ class MirrorFS:
 
     # -- data ----------------------------------------------------------------------------
 
-    @fuse_errors
-    def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
-        return self.write_fh(fh, data, offset, False, lambda: contextlib.nullcontext(path))
-
-    @fuse_errors
-    def write_at(self, path: str | None, data: bytes, offset: int, fh: int, writepage: bool) -> int:
-        """``write``, knowing whether it is the kernel writing back mmap'ed pages."""
-        return self.write_fh(fh, data, offset, writepage, lambda: contextlib.nullcontext(path))
-
     def write_fh(self, fh: int, data: bytes, offset: int, writepage: int, name: Name) -> int:
         """The loop's write. ``name()`` is a context manager giving the file's path, true
         while it is open: asked only when a set-ID bit must be cleared by name (most writes
@@ -557,11 +541,6 @@ class MirrorFS:
                 lambda: _raise_errno(_fallocate(handle.fd, mode, offset, length)),
             )
             handle.wrote = True
-        return 0
-
-    @fuse_errors
-    def fsync(self, path: str | None, datasync: int, fh: int) -> int:
-        self.fsync_fh(fh, datasync, lambda: contextlib.nullcontext(path))
         return 0
 
     def fsync_fh(self, fh: int, datasync: int, name: Name) -> None:

@@ -430,7 +430,9 @@ class FuseLoop:
     def _write(self, nodeid: int, args: memoryview) -> bytes:
         fh, offset, size, flags, _, _, _ = fk.WRITE_IN.unpack_from(args)
         if len(args) != fk.WRITE_IN.size + size:
-            raise fk.FuseProtocolError(f"WRITE of {size} bytes carries {len(args) - 40}")
+            raise fk.FuseProtocolError(
+                f"WRITE of {size} bytes carries {len(args) - fk.WRITE_IN.size}"
+            )
         data = bytes(args[fk.WRITE_IN.size :])
         n = self.fs.write_fh(
             fh, data, offset, flags & fk.WRITE_CACHE, lambda: self._name_of(nodeid)
@@ -532,16 +534,10 @@ class FuseLoop:
         return b"".join(out)
 
     def _listing(self, nodeid: int, dh: int) -> list[tuple[bytes, int, int]]:
-        listing: list[tuple[bytes, int, int]] = []
-        for item in self.fs.readdir(self._named(nodeid), dh):
-            if isinstance(item, str):
-                listing.append((item.encode(ENCODING, ERRORS), 0, 0))
-            else:
-                name, attrs, _ = item
-                listing.append(
-                    (name.encode(ENCODING, ERRORS), attrs.get("st_ino", 0), attrs["st_mode"])
-                )
-        return listing
+        return [
+            (name.encode(ENCODING, ERRORS), ino, kind)
+            for name, ino, kind in self.fs.readdir(self._named(nodeid), dh)
+        ]
 
     def _releasedir(self, nodeid: int, args: memoryview) -> bytes:
         dh, _, _, _ = fk.RELEASE_IN.unpack_from(args)

@@ -26,6 +26,13 @@ pytestmark = [
 T = TypeVar("T")
 
 
+def _mounted(tmp_path: Path, mount_factory: Callable[..., Any]) -> tuple[Path, Any]:
+    """A fresh directory with a mount over it (no peer); the directory and its MirrorFS."""
+    real = tmp_path / "data"
+    real.mkdir()
+    return real, mount_factory(str(real), LocalOnly())._fs
+
+
 def _mount_line(path: Path) -> list[str]:
     with open("/proc/mounts") as f:
         for line in f:
@@ -38,9 +45,7 @@ def _mount_line(path: Path) -> list[str]:
 def test_the_mount_is_nosuid_nodev_and_open_to_every_user(
     tmp_path: Path, mount_factory: Callable[..., Any]
 ) -> None:
-    real = tmp_path / "data"
-    real.mkdir()
-    mount_factory(str(real), LocalOnly())
+    real, _ = _mounted(tmp_path, mount_factory)
     fields = _mount_line(real)
     options = set(fields[3].split(","))
     assert {"nosuid", "nodev", "default_permissions", "allow_other"} <= options
@@ -50,10 +55,7 @@ def test_the_mount_is_nosuid_nodev_and_open_to_every_user(
 def test_sequential_requests_reuse_a_few_workers(
     tmp_path: Path, mount_factory: Callable[..., Any]
 ) -> None:
-    real = tmp_path / "data"
-    real.mkdir()
-    mount = mount_factory(str(real), LocalOnly())
-    fs = mount._fs
+    real, fs = _mounted(tmp_path, mount_factory)
     statfs = fs.statfs
     threads: list[str] = []
 
@@ -74,10 +76,7 @@ def test_the_pool_grows_to_the_requests_that_wait(
 ) -> None:
     """Six requests that each wait for all six to arrive: with a fixed or non-growing pool
     they never all arrive and the barrier breaks."""
-    real = tmp_path / "data"
-    real.mkdir()
-    mount = mount_factory(str(real), LocalOnly())
-    fs = mount._fs
+    real, fs = _mounted(tmp_path, mount_factory)
     statfs = fs.statfs
     barrier = threading.Barrier(6, timeout=10)
     served: list[str] = []
@@ -111,10 +110,7 @@ def test_writes_send_no_capability_lookup(
     """The mount asks for FUSE_HANDLE_KILLPRIV_V2 in its INIT reply: the kernel then looks up
     security.capability on a file's first write only, not before every write (a whole round
     trip to the daemon each)."""
-    real = tmp_path / "data"
-    real.mkdir()
-    mount = mount_factory(str(real), LocalOnly())
-    fs = mount._fs
+    real, fs = _mounted(tmp_path, mount_factory)
     getxattr = fs.getxattr
     looked_up: list[str] = []
 
@@ -138,9 +134,7 @@ def test_writes_send_no_capability_lookup(
 
 def test_ls_a_lists_dot_and_dot_dot(tmp_path: Path, mount_factory: Callable[..., Any]) -> None:
     """readdir(3) skips an entry whose inode number is 0: "." and ".." must carry theirs."""
-    real = tmp_path / "data"
-    real.mkdir()
-    mount_factory(str(real), LocalOnly())
+    real, _ = _mounted(tmp_path, mount_factory)
     (real / "sub").mkdir()
     (real / "a file").write_bytes(b"x")
     for where in (real, real / "sub"):
