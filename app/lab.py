@@ -39,13 +39,20 @@ Exceptions
     LabError
     ├── LabUnavailable     not root, a tool (ip, tc, nsenter, unshare, mount) missing, no netns
     ├── LabUnsupported     the kernel or the tools lack a feature (loss with neither netem nor nft)
+    ├── LabBusy            another live process owns a lab of this prefix
     └── LabCommandError    a command failed (also a subprocess.CalledProcessError)
 
+Ownership
+    A lab owns its prefix while it is up (app/lablock.py: an flock in /run, dropped by the
+    kernel when the owner dies): a second ``up`` of that prefix, ``down`` of a Lab that is not
+    the owner, and ``cleanup_stale`` raise LabBusy naming the owner's PID and command, and
+    touch nothing; so a crashed run's leftovers are removed, a live run's never.
+
 Known limits
-    Linux only, root only. Two labs with the same prefix clobber each other (use distinct
-    prefixes). Mountpoint directories created on the host for ``shared_paths`` are left there
-    (empty): removing them could detach another lab's bind mounts. Processes get SIGKILL at
-    teardown, never a graceful stop. ``signal()`` refuses PIDs the lab cannot identify as its own
+    Linux only, root only. One live lab per prefix (use distinct prefixes to run several).
+    Mountpoint directories created on the host for ``shared_paths`` are left there (empty):
+    removing them could detach another lab's bind mounts. Processes get SIGKILL at teardown,
+    never a graceful stop. ``signal()`` refuses PIDs the lab cannot identify as its own
     (started by it, in a session it started, a descendant, or inside its namespaces).
 """
 
@@ -66,6 +73,7 @@ from typing import Any
 
 from app.labfaults import HUB_QUEUE_LIMIT as HUB_QUEUE_LIMIT
 from app.labfaults import LabFaults
+from app.lablock import PrefixLock
 from app.labsys import _kill_and_wait, _run, _umount_all
 from app.labsys import default_workdir as default_workdir
 from app.labsys import mounts_under as mounts_under
@@ -89,6 +97,7 @@ from app.labtopology import VIP_PREFIXLEN as VIP_PREFIXLEN
 from app.labtopology import WITNESS_CLIENT_IP as WITNESS_CLIENT_IP
 from app.labtopology import WITNESS_PUB_IP as WITNESS_PUB_IP
 from app.labtopology import Attachment as Attachment
+from app.labtopology import LabBusy as LabBusy
 from app.labtopology import LabCommandError as LabCommandError
 from app.labtopology import LabError as LabError
 from app.labtopology import LabUnavailable as LabUnavailable
@@ -169,7 +178,12 @@ class Lab(LabFaults):
         reason = unavailable_reason()
         if reason is not None:
             raise LabUnavailable(reason)
-        self.cleanup_stale(self.prefix, self.workdir)
+        self._lock.acquire()  # LabBusy while another run owns the prefix: it is left alone
+        try:
+            self._remove_leftovers(self.prefix, self.workdir)
+        except BaseException:
+            self._lock.release()
+            raise
         with _LIVE_LOCK:
             _LIVE[id(self)] = self
         _install_handlers()
@@ -243,6 +257,7 @@ class Lab(LabFaults):
         """Tear everything down (idempotent); LabError names anything that could not be removed."""
         if self._tearing_down:
             return
+        self._lock.acquire()  # a lab never up here: LabBusy when another run owns the prefix
         self._tearing_down = True
         try:
             procs, self._procs = self._procs, []
@@ -253,7 +268,7 @@ class Lab(LabFaults):
             for proc in procs:
                 with contextlib.suppress(subprocess.TimeoutExpired, OSError):
                     proc.wait(timeout=1)  # reap, so no zombie stays
-            problems = self.cleanup_stale(self.prefix, self.workdir)
+            problems = self._remove_leftovers(self.prefix, self.workdir)
             if leftovers:
                 problems.append(f"processes still alive: {leftovers}")
         finally:
@@ -264,6 +279,7 @@ class Lab(LabFaults):
             self._hubs.clear()  # their processes were killed above, their ports deleted below
             with _LIVE_LOCK:
                 _LIVE.pop(id(self), None)
+            self._lock.release()
             self._tearing_down = False
         if problems:
             raise LabError(f"lab {self.prefix} teardown left: " + "; ".join(problems))
@@ -273,8 +289,19 @@ class Lab(LabFaults):
         """Remove what a lab with this prefix left: processes in its namespaces, the namespaces,
         mounts under its work dir (default: the per-prefix default) and the work dir.
 
-        Returns the list of things it could not remove (empty when all is clean).
+        Returns the list of things it could not remove (empty when all is clean). Raises
+        LabBusy, touching nothing, while a live run owns the prefix (app/lablock.py).
         """
+        lock = PrefixLock(prefix)
+        lock.acquire()
+        try:
+            return cls._remove_leftovers(prefix, workdir)
+        finally:
+            lock.release()
+
+    @classmethod
+    def _remove_leftovers(cls, prefix: str, workdir: str | Path | None) -> list[str]:
+        """cleanup_stale's work, for a caller that holds the prefix's lock."""
         root = Path(workdir) if workdir is not None else default_workdir(prefix)
         names = [f"{prefix}{host}" for host in (*HOSTS, SWITCH)]
         existing = set(_run(["ip", "netns", "list"], check=False).stdout.split())

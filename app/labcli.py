@@ -3,8 +3,9 @@
 How it works
     ``up`` builds the lab, prints what was built and how to enter a host, then waits until
     SIGINT (Ctrl-C) or SIGTERM and tears it down. ``down`` removes whatever a lab with that
-    prefix left (``Lab.cleanup_stale``). ``status`` shows which namespaces, mounts and processes
-    of that prefix exist. ``shell HOST [CMD...]`` runs a shell (or CMD) inside a host of a lab
+    prefix left (``Lab.cleanup_stale``; refused while a live run owns the prefix). ``status``
+    shows which namespaces, mounts and processes of that prefix exist, and the live run that
+    owns it. ``shell HOST [CMD...]`` runs a shell (or CMD) inside a host of a lab
     that is up. ``main(argv)`` returns the exit status, so ``mirrorha lab ...`` can call it.
 
 Exit statuses: 0 ok, 1 lab error (message on stderr), 2 usage error.
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from app.lab import HOSTS, NODES, SWITCH, Lab, LabError, mounts_under, ns_inode, pids_in
+from app.lablock import PrefixLock
 
 READY_LINE = "lab is up; Ctrl-C tears it down"
 
@@ -115,6 +117,8 @@ def _status(lab: Lab) -> int:
     }
     pids = pids_in(net, mnt)
     print(f"processes in the lab: {' '.join(map(str, pids)) if pids else 'none'}")
+    owner = PrefixLock(lab.prefix).owner()
+    print(f"owner: {owner or 'none (no live run holds the prefix; down removes leftovers)'}")
     return 0
 
 

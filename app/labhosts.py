@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.lablock import PrefixLock
 from app.labsys import _proc_stat, _run, default_workdir, ns_inode
 from app.labtopology import DEFAULT_SHARED_PATHS, HOSTS, LAB_NETWORK, NODES, SWITCH, LabError
 
@@ -62,6 +63,7 @@ class LabHosts:
         self._hubs: dict[str, _Hub] = {}
         self._up = False
         self._tearing_down = False
+        self._lock = PrefixLock(prefix)  # held while up (app/lablock.py)
 
     # -- names ------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ Exceptions
     LabError
     ├── LabUnavailable     not root, a tool (ip, tc, nsenter, unshare, mount) missing, no netns
     ├── LabUnsupported     the kernel or the tools lack a feature (loss with neither netem nor nft)
+    ├── LabBusy            another live process owns a lab of this prefix (app/lablock.py)
     └── LabCommandError    a command failed (also a subprocess.CalledProcessError)
 
 Known limits
@@ -56,6 +57,10 @@ class LabUnavailable(LabError):
 
 class LabUnsupported(LabError):
     """The kernel or the installed tools lack a feature the call needs."""
+
+
+class LabBusy(LabError):
+    """Another live process owns a lab of this prefix; the message names it."""
 
 
 class LabCommandError(LabError, subprocess.CalledProcessError):

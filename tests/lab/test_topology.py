@@ -5,6 +5,7 @@ Every address used is a lab address in 198.18.0.0/15; every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -13,11 +14,22 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from app.lab import HOSTS, SWITCH, Lab, LabError, LabUnsupported, address, mounts_under, pid_alive
+from app.lab import (
+    HOSTS,
+    SWITCH,
+    Lab,
+    LabBusy,
+    LabError,
+    LabUnsupported,
+    address,
+    mounts_under,
+    pid_alive,
+)
 from app.labcli import READY_LINE
 
 pytestmark = pytest.mark.lab
@@ -323,21 +335,35 @@ def test_a_failure_halfway_leaves_nothing(
         Lab.cleanup_stale(prefix, workdir)
 
 
-def test_cleanup_stale_removes_what_a_killed_run_left(lab_available: None, tmp_path: Path) -> None:
-    prefix, workdir = "mhk-", tmp_path / "labwork"
-    body = """
+BODY_OWNER = """
 lab.up()
 proc = lab.popen("node1", ["sleep", "300"])
 print(proc.pid, flush=True)
 import time
 time.sleep(300)
 """
-    script = FAILING_CHILD.format(prefix=prefix, workdir=str(workdir), body=body)
+
+
+@contextlib.contextmanager
+def _owner_run(prefix: str, workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A child that brings a lab up, starts a sleep inside it and waits: yields the child and
+    the sleep's PID; afterwards the child is killed and what it left removed."""
+    script = FAILING_CHILD.format(prefix=prefix, workdir=str(workdir), body=BODY_OWNER)
     child = subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=REPO, env=_child_env()
     )
     try:
-        sleep_pid = int(_read_until(child, "\n", timeout=30).split()[0])
+        yield child, int(_read_until(child, "\n", timeout=30).split()[0])
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=10)
+        Lab.cleanup_stale(prefix, workdir)
+
+
+def test_cleanup_stale_removes_what_a_killed_run_left(lab_available: None, tmp_path: Path) -> None:
+    prefix, workdir = "mhk-", tmp_path / "labwork"
+    with _owner_run(prefix, workdir) as (child, sleep_pid):
         child.kill()  # a crash: no atexit, no handler
         child.wait(timeout=10)
         assert _namespaces(prefix), "the killed run should have left its namespaces"
@@ -345,11 +371,6 @@ time.sleep(300)
 
         assert Lab.cleanup_stale(prefix, workdir) == []
         _assert_nothing_left(prefix, workdir, [sleep_pid])
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(timeout=10)
-        Lab.cleanup_stale(prefix, workdir)
 
 
 def test_ctrl_c_on_lab_up_tears_everything_down(lab_available: None, tmp_path: Path) -> None:
@@ -375,3 +396,40 @@ def test_ctrl_c_on_lab_up_tears_everything_down(lab_available: None, tmp_path: P
             child.kill()
             child.wait(timeout=10)
         Lab.cleanup_stale(prefix, workdir)
+
+
+def test_a_live_lab_is_refused_to_a_second_run_and_left_intact(
+    lab_available: None, tmp_path: Path
+) -> None:
+    """A second up, a cleanup and `lab down` of a prefix a live run owns raise LabBusy naming
+    the owner and touch nothing of it; once the owner is killed, its leftovers are removed."""
+    prefix, workdir = "mho-", tmp_path / "labwork"
+    with _owner_run(prefix, workdir) as (child, sleep_pid):
+        built = _namespaces(prefix)
+        assert len(built) == len(HOSTS) + 1
+
+        second = Lab(prefix=prefix, workdir=tmp_path / "other")
+        with pytest.raises(LabBusy, match=rf"in use by PID {child.pid} \("):
+            second.up()
+        assert not second.is_up
+        with pytest.raises(LabBusy, match=rf"PID {child.pid}"):
+            Lab.cleanup_stale(prefix, workdir)
+        cli = [str(LAB_COMMAND), "--prefix", prefix, "--workdir", str(workdir)]
+        down = subprocess.run(
+            [*cli, "down"], capture_output=True, text=True, timeout=60, cwd=REPO, env=_child_env()
+        )
+        assert down.returncode == 1
+        assert f"in use by PID {child.pid}" in down.stderr
+        status = subprocess.run(
+            [*cli, "status"], capture_output=True, text=True, timeout=60, cwd=REPO, env=_child_env()
+        )
+        assert f"owner: PID {child.pid} (" in status.stdout
+        # the owner's lab is untouched: its namespaces, mounts and process are there
+        assert _namespaces(prefix) == built
+        assert mounts_under(workdir), "the owner's mount-namespace files were unmounted"
+        assert pid_alive(sleep_pid)
+
+        child.kill()  # the owner dies: the kernel drops its lock, its leftovers are stale
+        child.wait(timeout=10)
+        assert Lab.cleanup_stale(prefix, workdir) == []
+        _assert_nothing_left(prefix, workdir, [sleep_pid])
