@@ -43,8 +43,15 @@ How it works
     truncates or allocates (``_drop_setid``: a ``Chmod`` before the change, replicated like
     any), so the kernel no longer asks for security.capability before every write: that was a
     round trip of its own per write (the application slept 3 times per 4 KiB write +
-    fdatasync, now 2). security.capability itself is removed by each copy's own kernel when
-    root writes there, and a chown clears setuid there, as on a local filesystem.
+    fdatasync, now 2). Nor does a write fstat the file each time to look for those bits:
+    a handle remembers the mode generation at which it saw none (``setid_free``), and only a
+    chmod bumps the generation. An fstat before every write cost a disk write per fdatasync
+    on both nodes: a stat makes the file's next time update fine-grained (the kernel's
+    multigrain timestamps, which also raise the coarse clock's floor for every other file),
+    so every write changed the times, and on this lab's ext4 each fdatasync then wrote the
+    inode too (three waits for the disk per op instead of two). security.capability itself
+    is removed by each copy's own kernel when root writes there, and a chown clears setuid
+    there, as on a local filesystem.
 
     Exclusions (``exclude``, patterns as in exclude.py): a change to an excluded path is made
     locally only, without ``replicator.apply`` (neither sent nor journaled); a handle opened
@@ -185,6 +192,10 @@ class MirrorFS:
         self._next_fh = itertools.count(1)
         self._table_lock = threading.Lock()
         self._inode_locks = [threading.Lock() for _ in range(_INODE_LOCKS)]
+        # bumped after every chmod (the only way a set-ID bit comes to an existing file): a
+        # handle that saw no set-ID bit at the current generation writes without an fstat
+        self._modes = itertools.count()
+        self._mode_gen = next(self._modes)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -478,9 +489,12 @@ class MirrorFS:
         must be cleared and no name is held (``named`` None): the caller comes back with
         ``named=(path,)``, path None when the file has no name any more."""
         with handle.lock:
-            if setid:
+            if setid and (handle.append or handle.setid_free != self._mode_gen):
+                gen = self._mode_gen  # before the fstat: a chmod after it bumps it again
                 st = os.fstat(handle.fd)
-                if st.st_mode & _SETID and setid_cleared(st) is not None:
+                if not st.st_mode & _SETID:
+                    handle.setid_free = gen
+                elif setid_cleared(st) is not None:
                     if named is None:
                         return -1
                     self._drop_setid(handle.fd, handle.replicated, named[0], st)
@@ -745,17 +759,20 @@ class MirrorFS:
     @fuse_errors
     def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
         perm = stat.S_IMODE(mode)
-        handle = self._nameless(path, fh)
-        if handle is not None:
-            os.fchmod(handle.fd, perm)
+        try:
+            handle = self._nameless(path, fh)
+            if handle is not None:
+                os.fchmod(handle.fd, perm)
+                return 0
+            rel = rel_path(path)
+            self._change(
+                not self._excluded(rel),
+                ops.Chmod(rel, perm),
+                lambda: os.chmod(self._at(rel), perm, dir_fd=self._root, follow_symlinks=False),
+            )
             return 0
-        rel = rel_path(path)
-        self._change(
-            not self._excluded(rel),
-            ops.Chmod(rel, perm),
-            lambda: os.chmod(self._at(rel), perm, dir_fd=self._root, follow_symlinks=False),
-        )
-        return 0
+        finally:
+            self._mode_gen = next(self._modes)  # set-ID bits may have come: writes look again
 
     @fuse_errors
     def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> int:

@@ -9,6 +9,8 @@ How it works
     ``sync``: O_SYNC/O_DSYNC, each ``Write`` is followed by an ``Fsync`` op. ``wrote``: the
     handle changed data, so its times are replicated on release. ``replicated``: False when
     opened by an excluded name (changes stay local); it follows a rename across the boundary.
+    ``setid_free``: MirrorFS's mode generation when this handle last saw the file without a
+    set-ID bit; while no chmod has bumped the generation since, a write needs no fstat.
 
     ``lock`` is one of ``_INODE_LOCKS`` locks, picked by the file's inode number, so every
     handle of one file (and every name of a hard-linked file) shares it. MirrorFS holds it
@@ -39,3 +41,4 @@ class _Handle:
     lock: threading.Lock
     wrote: bool = False
     replicated: bool = True  # False: opened by an excluded name, changes stay local
+    setid_free: int = -1  # the mode generation (MirrorFS) at which the file had no set-ID bit

@@ -1243,6 +1243,31 @@ def test_write_by_an_unprivileged_user_clears_setuid_and_setgid(mirror: Mirror) 
     mirror.assert_identical()
 
 
+def test_setuid_set_while_a_handle_is_open_is_still_cleared_by_its_next_write(
+    mirror: Mirror,
+) -> None:
+    """A handle that wrote while the file had no set-ID bit skips the mode check on later
+    writes only until a chmod: one made by name, or through another handle, counts."""
+    write_file(mirror.p("s"), b"")
+    fd = os.open(mirror.p("s"), os.O_WRONLY)
+    other = os.open(mirror.p("s"), os.O_RDONLY)
+    try:
+        _unprivileged(fd, "os.pwrite(fd, b'a', 0)")  # no set-ID bit: remembered
+        for i, chmod in enumerate(
+            (lambda: os.chmod(mirror.p("s"), 0o4777), lambda: os.fchmod(other, 0o2777))
+        ):
+            chmod()
+            mirror.rec.take()
+            _unprivileged(fd, f"os.pwrite(fd, b'b', {i + 1})")
+            assert _mode(mirror, "s") == 0o777, i
+            assert mirror.rec.take(ops.Chmod) == [ops.Chmod(b"s", 0o777)], i
+    finally:
+        os.close(fd)
+        os.close(other)
+    assert read_file(mirror.p("s")) == b"abb"
+    mirror.assert_identical()
+
+
 def test_truncate_and_allocation_by_an_unprivileged_user_clear_setuid(mirror: Mirror) -> None:
     write_file(mirror.p("s"), b"x" * 10)
     changes = {
