@@ -502,14 +502,9 @@ class MirrorFS:
                 if handle.append:
                     offset = st.st_size
             fd = handle.fd
-            if handle.replicated and handle.synced:
-                self._replicator.apply(
-                    ops.Write(fh, offset, data), lambda: _pwrite_early(fd, data, offset)
-                )
-            elif handle.replicated:
-                self._replicator.apply(
-                    ops.Write(fh, offset, data), lambda: _pwrite_all(fd, data, offset)
-                )
+            if handle.replicated:
+                write = _pwrite_early if handle.synced else _pwrite_all
+                self._replicator.apply(ops.Write(fh, offset, data), lambda: write(fd, data, offset))
             else:
                 _pwrite_all(fd, data, offset)
             handle.wrote = True
