@@ -137,7 +137,6 @@ from app.mirror.fusefs_sys import (
     _pwrite_all,
     _raise_errno,
     _renameat2,
-    start_writeback,
 )
 from app.mirror.ops import Replicator
 
@@ -503,8 +502,9 @@ class MirrorFS:
                     offset = st.st_size
             fd = handle.fd
             if handle.replicated:
-                write = _pwrite_early if handle.synced else _pwrite_all
-                self._replicator.apply(ops.Write(fh, offset, data), lambda: write(fd, data, offset))
+                self._replicator.apply(
+                    ops.Write(fh, offset, data), lambda: _pwrite_all(fd, data, offset)
+                )
             else:
                 _pwrite_all(fd, data, offset)
             handle.wrote = True
@@ -564,7 +564,6 @@ class MirrorFS:
         sync = os.fdatasync if datasync else os.fsync
         if handle.writable and handle.replicated:
             self._replicator.apply(ops.Fsync(fh, b"", bool(datasync)), lambda: sync(handle.fd))
-            handle.synced = True
             return
         if handle.writable:
             sync(handle.fd)  # excluded: local only
@@ -855,11 +854,3 @@ class MirrorFS:
 
 def _nothing() -> None:
     """The local step of an op whose local change is already made."""
-
-
-def _pwrite_early(fd: int, data: bytes, offset: int) -> None:
-    """The local write to a file that is fsync'd (a log): the bytes, then the start of
-    their writeback, which runs while the peer applies the same write (the Write was sent
-    before this runs), so the next fsync only waits for the disk's cache flush."""
-    _pwrite_all(fd, data, offset)
-    start_writeback(fd, offset, len(data))

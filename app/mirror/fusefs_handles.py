@@ -42,4 +42,3 @@ class _Handle:
     wrote: bool = False
     replicated: bool = True  # False: opened by an excluded name, changes stay local
     setid_free: int = -1  # the mode generation (MirrorFS) at which the file had no set-ID bit
-    synced: bool = False  # fsync'd through this handle: its writes start their writeback
