@@ -157,7 +157,7 @@ def test_packet_loss_applies_to_one_network_and_clears(lab: Lab) -> None:
     try:
         backend = lab.netem("node1", "pub", loss_pct=100)
     except LabUnsupported as exc:  # no sch_netem and no nft: says which package is missing
-        pytest.skip(str(exc))
+        pytest.skip(f"this lab can drop no packets (neither sch_netem nor nftables): {exc}")
     if backend == "netem":
         qdisc = lab.run("node1", ["tc", "qdisc", "show", "dev", "eth0"]).stdout
         assert "netem" in qdisc and "loss 100%" in qdisc
